@@ -1,0 +1,45 @@
+# dwskd — run `make help` for the list of targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export DWSKD_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: help install test test-full lint format run select paper paper-quick bench clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY) ## create .venv and install dwskd with its dev and medmnist extras (pip; ~3 min)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev,medmnist]"
+	$(PY) -c "import torchvision, timm, lightning, dwskd; print('dwskd installed: torch', __import__('torch').__version__)"
+
+test: ## fast test suite (excludes @slow; ~10 min on 2 cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-full: ## every test, including slow ones
+	$(PY) -m pytest -q
+
+lint: ## ruff lint + format check
+	$(PY) -m ruff check dwskd tests experiments
+	$(PY) -m ruff format --check dwskd tests experiments
+
+format: ## apply ruff formatting and safe fixes
+	$(PY) -m ruff check --fix dwskd tests experiments
+	$(PY) -m ruff format dwskd tests experiments
+
+run: ## the default run: synthetic data, dual-model SKD, offline (ARGS="key=value ...")
+	$(PY) -m dwskd.run $(ARGS)
+
+select: ## weight selection CLI (ARGS="teacher.source=file teacher.file=... out=student.safetensors")
+	$(PY) -m dwskd.select $(ARGS)
+
+clean: ## remove caches (never run outputs: delete outputs/ yourself)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,213 @@
+"""The LightningModule: one or two students that distill into each other, plus EMA teachers.
+
+Every method is this module with other settings: a single student with all KD weights at
+zero is plain CE training (scratch, ws, teacher, fine-tune); two students with ``alpha`` is
+deep mutual learning; adding ``beta`` gives the EMA auxiliary teacher of dwskd; ``gamma``
+with a frozen ``teacher`` gives Hinton KD. Loss math lives in :mod:`dwskd.distill`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from dwskd import distill
+from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
+
+STUDENT_NAMES = ("a", "b", "c", "d")
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+class DistillModule(L.LightningModule):
+    """Trains ``students`` jointly; logs each loss term per student; evaluates each and their ensemble.
+
+    The EMA copies and the frozen teacher have ``requires_grad=False``: they are never in the
+    optimiser, DDP does not all-reduce them, and because every rank applies the same EMA update
+    to identical (synchronised) student weights, the EMA stays identical across ranks.
+    """
+
+    def __init__(
+        self,
+        students: Sequence[nn.Module],
+        *,
+        num_classes: int,
+        class_names: Sequence[str],
+        distill_cfg: Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr: float,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        teacher: nn.Module | None = None,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = dict(distill_cfg)
+        distill.check_distill_options(
+            self.cfg["alpha"], self.cfg["beta"], self.cfg["temperature"], self.cfg["ema_momentum"]
+        )
+        self.students = nn.ModuleList(students)
+        self.names = list(STUDENT_NAMES[: len(students)])
+        self.use_ema = self.cfg["beta"] > 0
+        self.ema = nn.ModuleList(_frozen_copy(s) for s in students) if self.use_ema else None
+        self.gamma = float(self.cfg.get("gamma", 0.0))
+        if self.gamma > 0 and teacher is None:
+            raise ValueError("method.distill.gamma > 0 (KD from the teacher) needs a teacher model")
+        self.teacher = _frozen_copy(teacher) if teacher is not None and self.gamma > 0 else None
+        self.class_names = list(class_names)
+        self.optimizer_factory, self.lr = optimizer, lr
+        self.warmup_fraction, self.min_lr_ratio = warmup_fraction, min_lr_ratio
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        eval_names = self.names + (["ensemble"] if len(students) > 1 else [])
+        self.val_metrics = nn.ModuleDict({n: classification_metrics(num_classes) for n in eval_names})
+        self.test_metrics = nn.ModuleDict(
+            {n: classification_metrics(num_classes) for n in eval_names}
+        )
+        self.test_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._test_buffer: dict[str, list[torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> DistillModule:
+        """Keep the EMA copies and the frozen teacher in eval mode (no dropout, fixed BN stats)."""
+        super().train(mode)
+        for frozen in (self.ema, self.teacher):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def _views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Student i sees view i (two-view batches: x is B×2×C×H×W); else all see x."""
+        if x.dim() == 5:
+            return [x[:, i % x.shape[1]] for i in range(len(self.students))]
+        return [x] * len(self.students)
+
+    def _ema_targets(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if not self.use_ema:
+            return None
+        with torch.no_grad():
+            # The auxiliary teacher of student i looks at the partner's view (a consistency
+            # target across augmentations); with one view both are the same batch.
+            other = [views[(i + 1) % len(views)] for i in range(len(views))]
+            logits = [ema(v) for ema, v in zip(self.ema, other, strict=True)]
+        if self.cfg.get("ema_target", "self") == "ensemble":
+            mean = torch.stack(logits).mean(0)
+            return [mean] * len(logits)
+        return logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        views = self._views(x)
+        logits = [s(v) for s, v in zip(self.students, views, strict=True)]
+        targets = y if self.cfg.get("labels", True) else None
+        terms = distill.skd_losses(
+            logits,
+            targets,
+            alpha=self.cfg["alpha"],
+            beta=self.cfg["beta"],
+            temperature=self.cfg["temperature"],
+            ema_logits=self._ema_targets(views),
+            class_weights=self.class_weights,
+        )
+        if self.teacher is not None:
+            self._add_teacher_kd(terms, logits, views)
+        total = sum(t["total"] for t in terms)
+        log = {f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms) for k, v in t.items()}
+        log["train/loss"] = total.detach()
+        self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=y.shape[0])
+        self.log("train/acc", (logits[0].argmax(1) == y).float().mean(), prog_bar=True)
+        return total
+
+    def _add_teacher_kd(self, terms: list[dict], logits: list[torch.Tensor], views: list) -> None:
+        with torch.no_grad():
+            teacher_logits = self.teacher(views[0])
+        for term, z in zip(terms, logits, strict=True):
+            term["teacher_kd"] = distill.kd_loss(z, teacher_logits, self.cfg["temperature"])
+            term["total"] = term["total"] + self.gamma * term["teacher_kd"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.use_ema:
+            return
+        momentum = distill.ema_momentum(
+            self.global_step,
+            max(int(self.trainer.estimated_stepping_batches), 1),
+            self.cfg["ema_momentum"],
+            self.cfg.get("ema_final"),
+            self.cfg.get("ema_schedule", "constant"),
+        )
+        for ema, student in zip(self.ema, self.students, strict=True):
+            distill.ema_update(ema, student, momentum)
+
+    # --------------------------------------------------------------- evaluation
+    def predict_probs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax outputs of each student and (with two or more) of their mean: the ensemble."""
+        probs = {n: s(x).softmax(1) for n, s in zip(self.names, self.students, strict=True)}
+        if len(self.names) > 1:
+            probs["ensemble"] = torch.stack([probs[n] for n in self.names]).mean(0)
+        return probs
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        probs = self.predict_probs(x)
+        for name, p in probs.items():
+            self.val_metrics[name].update(p, y)
+        loss = nn.functional.nll_loss(torch.log(probs[self.names[0]] + 1e-8), y)
+        self.log("val/loss", loss, batch_size=y.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = {}
+        for name, metrics in self.val_metrics.items():
+            flat = scalar_only(flatten_metrics(metrics.compute(), self.class_names, f"val/{name}/"))
+            accs[name] = flat[f"val/{name}/acc"]
+            self.log_dict(flat)
+            metrics.reset()
+        # The checkpoint monitor: the best single student (what can be deployed).
+        self.log("val/acc", max(accs[n] for n in self.names), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        for name, p in self.predict_probs(x).items():
+            self.test_metrics[name].update(p, y)
+            self._test_buffer.setdefault(name, []).append(p.detach().cpu())
+        self._test_buffer.setdefault("targets", []).append(y.detach().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        targets = torch.cat(self._test_buffer.pop("targets"))
+        for name, metrics in self.test_metrics.items():
+            flat = flatten_metrics(metrics.compute(), self.class_names, "")
+            self.log_dict({f"test/{name}/{k}": v for k, v in scalar_only(flat).items()})
+            self.test_outputs[name] = (torch.cat(self._test_buffer.pop(name)), targets)
+            self.test_flat = getattr(self, "test_flat", {}) | {name: flat}
+            metrics.reset()
+
+    # ---------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.students.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params, lr=self.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(total * self.warmup_fraction)
+        schedule = warmup_cosine(total, warmup, self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

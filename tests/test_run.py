@@ -1,0 +1,173 @@
+"""End-to-end runs of the real config (synthetic data, tiny limits): every stage and method."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dwskd.pipeline import run_pipeline
+from tests.conftest import compose_config
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def logged_values(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+@pytest.fixture(scope="module")
+def dwskd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("dwskd")
+    return out, run_pipeline(compose_config("teacher.source=fit"), out)
+
+
+def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, dict]) -> None:
+    out, results = dwskd_run
+    for stage in ("teacher", "select", "train", "finetune"):
+        assert (out / "stages" / stage).is_dir(), stage
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("student_a", "student_b", "ensemble", "teacher"):
+        assert 0.0 <= saved[name]["test"]["acc"] <= 1.0
+        assert saved[name]["params"] > 0
+    assert saved["teacher"]["params"] > saved["student_a"]["params"]
+    assert saved["ensemble"]["params"] == saved["student_a"]["params"] + saved["student_b"]["params"]
+    assert saved["deployed"] in ("student_a", "student_b")
+    assert (out / "report.md").read_text().count("student_a") >= 1
+    assert list(out.glob("*.png")), "plots are missing"
+    assert list((out / "stages" / "train" / "checkpoints").glob("best-*.ckpt"))
+    assert (out / "stages" / "train" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_dwskd_logs_every_loss_term_finite_per_student(dwskd_run: tuple[Path, dict]) -> None:
+    out, _ = dwskd_run
+    rows = read_metrics_csv(out / "logs" / "train" / "metrics.csv")
+    for student in ("a", "b"):
+        for term in ("ce", "partner_kd", "ema_kd", "total"):
+            values = logged_values(rows, f"train/{student}/{term}_step")
+            assert values, f"train/{student}/{term} was not logged"
+            assert all(math.isfinite(v) for v in values)
+    assert logged_values(rows, "val/acc")
+
+
+def test_selected_students_start_from_the_teacher(dwskd_run: tuple[Path, dict]) -> None:
+    out, _ = dwskd_run
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "stages" / "select" / "student_a.safetensors"))
+    b = load_file(str(out / "stages" / "select" / "student_b.safetensors"))
+    teacher = load_file(str(out / "stages" / "teacher" / "teacher.safetensors"))
+    key = "blocks.0.norm1.weight"
+    assert torch.equal(a[key], teacher[key][0::2])  # complementary uniform selection
+    assert torch.equal(b[key], teacher[key][1::2])
+
+
+def test_rerun_in_same_directory_skips_finished_stages(dwskd_run, caplog) -> None:
+    out, results = dwskd_run
+    with pytest.raises(FileExistsError, match="metrics.json"):
+        run_pipeline(compose_config("teacher.source=fit"), out)
+    before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.ckpt")}
+    (out / "metrics.json").rename(out / "metrics.first.json")
+    again = run_pipeline(compose_config("teacher.source=fit"), out)
+    after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.ckpt")}
+    assert before == after, "a finished stage was trained again"
+    assert again["models"]["student_a"]["test"]["acc"] == results["models"]["student_a"]["test"]["acc"]
+
+
+@pytest.mark.parametrize("method", ["scratch", "ws", "kd", "dml", "teacher"])
+def test_every_method_runs(method: str, tmp_path: Path) -> None:
+    results = run_pipeline(compose_config(f"method={method}", "eval.latency=false"), tmp_path)
+    expected = {
+        "scratch": {"student_a"}, "ws": {"student_a", "teacher"}, "kd": {"student_a", "teacher"},
+        "dml": {"student_a", "student_b", "ensemble"}, "teacher": {"teacher"},
+    }[method]
+    assert set(results["models"]) == expected
+    if method == "kd":
+        rows = read_metrics_csv(tmp_path / "logs" / "train" / "metrics.csv")
+        assert logged_values(rows, "train/a/teacher_kd_step")
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
+    overrides = ("method=scratch", "eval.latency=false", "trainer.deterministic=true")
+    first = run_pipeline(compose_config(*overrides), tmp_path / "one")
+    second = run_pipeline(compose_config(*overrides), tmp_path / "two")
+    assert first["models"]["student_a"]["test"] == second["models"]["student_a"]["test"]
+
+
+def test_ckpt_path_resumes_training(tmp_path: Path) -> None:
+    run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path / "first")
+    last = tmp_path / "first" / "stages" / "train" / "checkpoints" / "last.ckpt"
+    run_pipeline(
+        compose_config("method=scratch", "eval.latency=false", "trainer.max_epochs=2",
+                       f"ckpt_path={last}"),
+        tmp_path / "resumed",
+    )
+    rows = read_metrics_csv(tmp_path / "resumed" / "logs" / "train" / "metrics.csv")
+    epochs = {int(float(r["epoch"])) for r in rows if r.get("epoch")}
+    assert epochs == {1}, f"resumed run should only train epoch 1, trained {sorted(epochs)}"
+
+
+def test_student_larger_than_teacher_fails_before_training(tmp_path: Path) -> None:
+    from dwskd.selection import SelectionError
+
+    cfg = compose_config("model=vit_small", "teacher=vit_tiny", "teacher.depth=4")
+    with pytest.raises(SelectionError):
+        run_pipeline(cfg, tmp_path)
+    assert not (tmp_path / "stages").exists(), "training started before the error"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("method.distill.alpha=-1", "alpha"),
+        ("method.distill.temperature=0", "temperature"),
+        ("method.distill.ema_momentum=1.5", "momentum"),
+        ("teacher.source=cloud", "teacher.source"),
+    ],
+)
+def test_bad_options_fail_before_training(override: str, match: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        run_pipeline(compose_config(override), tmp_path)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_teacher_file_of_another_family_is_rejected(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from dwskd.models import ModelConfigError
+
+    other = timm.create_model("resnet18", num_classes=4, in_chans=1)
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    cfg = compose_config("teacher.source=file", f"teacher.file={path}")
+    with pytest.raises(ModelConfigError, match="does not fit"):
+        run_pipeline(cfg, tmp_path / "run")
+
+
+def test_hub_teacher_offline_suggests_file(tmp_path: Path) -> None:
+    from dwskd.models import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="teacher.source=file"):
+        run_pipeline(compose_config("teacher.source=hub", "method=teacher"), tmp_path)
+
+
+def test_unknown_method_is_a_clear_config_error() -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="method"):
+        compose_config("method=magic")
+
+
+def test_two_process_cpu_ddp(tmp_path: Path) -> None:
+    results = run_pipeline(
+        compose_config("method=dml", "trainer=ddp_cpu", "eval.latency=false"), tmp_path
+    )
+    assert {"student_a", "student_b", "ensemble"} <= set(results["models"])
