@@ -70,7 +70,9 @@ class DistillModule(L.LightningModule):
         self.warmup_fraction, self.min_lr_ratio = warmup_fraction, min_lr_ratio
         self.register_buffer("class_weights", class_weights, persistent=False)
         eval_names = self.names + (["ensemble"] if len(students) > 1 else [])
-        self.val_metrics = nn.ModuleDict({n: classification_metrics(num_classes) for n in eval_names})
+        self.val_metrics = nn.ModuleDict(
+            {n: classification_metrics(num_classes) for n in eval_names}
+        )
         self.test_metrics = nn.ModuleDict(
             {n: classification_metrics(num_classes) for n in eval_names}
         )
@@ -105,7 +107,9 @@ class DistillModule(L.LightningModule):
             return [mean] * len(logits)
         return logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         views = self._views(x)
         logits = [s(v) for s, v in zip(self.students, views, strict=True)]
@@ -118,11 +122,14 @@ class DistillModule(L.LightningModule):
             temperature=self.cfg["temperature"],
             ema_logits=self._ema_targets(views),
             class_weights=self.class_weights,
+            label_smoothing=self.cfg.get("label_smoothing", 0.0),
         )
         if self.teacher is not None:
             self._add_teacher_kd(terms, logits, views)
         total = sum(t["total"] for t in terms)
-        log = {f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms) for k, v in t.items()}
+        log = {
+            f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms) for k, v in t.items()
+        }
         log["train/loss"] = total.detach()
         self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=y.shape[0])
         self.log("train/acc", (logits[0].argmax(1) == y).float().mean(), prog_bar=True)
@@ -198,7 +205,10 @@ class DistillModule(L.LightningModule):
         warmup = int(total * self.warmup_fraction)
         schedule = warmup_cosine(total, warmup, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:

@@ -39,8 +39,13 @@ class Run:
     pending_ckpt: str | None = None
     records: dict[str, Any] = field(default_factory=dict)
 
-    def module(self, students: list[nn.Module], stage: str, teacher: nn.Module | None = None,
-               distill_cfg: dict | None = None) -> DistillModule:
+    def module(
+        self,
+        students: list[nn.Module],
+        stage: str,
+        teacher: nn.Module | None = None,
+        distill_cfg: dict | None = None,
+    ) -> DistillModule:
         cfg, dm = self.cfg, self.datamodule
         balance = cfg.data.get("balance", "none") == "loss"
         return DistillModule(
@@ -150,7 +155,9 @@ def select_stage(run: Run, teacher: nn.Module | None) -> list[nn.Module]:
         plans[name] = plan.to_dict()
         if not (out / f"{name}.safetensors").exists():
             selection.save_selection(out / f"{name}.safetensors", student.state_dict(), plan)
-    run.records["select"] = {"head_reinitialised": {n: p.get("head_reinitialised") for n, p in plans.items()}}
+    run.records["select"] = {
+        "head_reinitialised": {n: p.get("head_reinitialised") for n, p in plans.items()}
+    }
     return students
 
 
@@ -215,7 +222,9 @@ def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -
         entries[name].update(model_costs(run, model))
     if "ensemble" in entries:
         members = [entries[n] for n in REPORT_NAMES[: len(students)]]
-        entries["ensemble"].update({k: sum(m[k] for m in members) for k in members[0] if k != "test"})
+        entries["ensemble"].update(
+            {k: sum(m[k] for m in members) for k in members[0] if k != "test"}
+        )
     return entries, predictions
 
 
@@ -245,13 +254,21 @@ def model_costs(run: Run, model: nn.Module) -> dict[str, float]:
     return costs
 
 
-def run_info(run: Run, wall_time: float, deployed: str) -> dict[str, Any]:
+def run_info(run: Run, wall_time: float, deployed: str, command: str | None) -> dict[str, Any]:
     cfg = run.cfg
     return {
-        "method": cfg.method.name, "data": cfg.data.name, "model": cfg.model.name,
-        "teacher": cfg.teacher.name, "teacher_source": cfg.teacher.source, "seed": cfg.seed,
-        "deployed": deployed, "wall_time_s": round(wall_time, 1), "output_dir": str(run.out_dir),
-        "stages": run.records, "config": OmegaConf.to_container(cfg, resolve=True),
+        "command": command or "(in-process run)",
+        "method": cfg.method.name,
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "teacher": cfg.teacher.name,
+        "teacher_source": cfg.teacher.source,
+        "seed": cfg.seed,
+        "deployed": deployed,
+        "wall_time_s": round(wall_time, 1),
+        "output_dir": str(run.out_dir),
+        "stages": run.records,
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 
@@ -265,11 +282,16 @@ def prepare(cfg: DictConfig, out_dir: Path) -> Run:
         "in_chans": datamodule.in_chans,
         "img_size": datamodule.img_size,
     }
-    return Run(cfg=cfg, out_dir=Path(out_dir), datamodule=datamodule, shape=shape,
-               pending_ckpt=cfg.get("ckpt_path"))
+    return Run(
+        cfg=cfg,
+        out_dir=Path(out_dir),
+        datamodule=datamodule,
+        shape=shape,
+        pending_ckpt=cfg.get("ckpt_path"),
+    )
 
 
-def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig, out_dir: Path, command: str | None = None) -> dict[str, Any]:
     """Run every stage the method needs, then test and write the report. Returns metrics.json."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -290,8 +312,12 @@ def run_pipeline(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if not rank_zero_only.rank == 0:
         return {}
     entries, predictions = test_stage(run, students, teacher)
-    results = {"run": run_info(run, time.perf_counter() - start, deployed),
-               "data": run.datamodule.summary(), "deployed": deployed, "models": entries}
+    results = {
+        "run": run_info(run, time.perf_counter() - start, deployed, command),
+        "data": run.datamodule.summary(),
+        "deployed": deployed,
+        "models": entries,
+    }
     csv = out_dir / "logs" / "train" / "metrics.csv"
     if not csv.exists():
         csv = out_dir / "logs" / "teacher" / "metrics.csv"

@@ -32,10 +32,15 @@ def deployed_test_accuracy(results: dict) -> float | None:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = run_pipeline(cfg, out_dir)
+    command = " ".join(["python -m dwskd.run", *HydraConfig.get().overrides.task])
+    results = run_pipeline(cfg, out_dir, command=command)
     if results:
-        log.info("deployed %s: test acc %.4f; report: %s", results["deployed"],
-                 deployed_test_accuracy(results), out_dir / "report.md")
+        log.info(
+            "deployed %s: test acc %.4f; report: %s",
+            results["deployed"],
+            deployed_test_accuracy(results),
+            out_dir / "report.md",
+        )
     return deployed_test_accuracy(results)
 
 

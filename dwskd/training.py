@@ -98,8 +98,12 @@ def stage_epochs(cfg: DictConfig, stage: str) -> int:
 def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, epochs: int) -> L.Trainer:
     ckpt_dir = stage_dir(out_dir, stage) / "checkpoints"
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/acc", mode="max",
-        save_top_k=1, save_last=True,
+        dirpath=ckpt_dir,
+        filename="best-{epoch:02d}",
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
     )
     callbacks: list[Any] = [checkpoint]
     logger = make_logger(cfg, out_dir, stage)
@@ -108,8 +112,11 @@ def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, epochs: int) -> L.
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
-        max_epochs=epochs, default_root_dir=str(stage_dir(out_dir, stage)), logger=logger,
-        callbacks=callbacks, **trainer_kwargs(cfg),
+        max_epochs=epochs,
+        default_root_dir=str(stage_dir(out_dir, stage)),
+        logger=logger,
+        callbacks=callbacks,
+        **trainer_kwargs(cfg),
     )
 
 
@@ -124,8 +131,15 @@ def resume_path(explicit: str | None, out_dir: Path, stage: str) -> str | None:
     return str(last) if last.is_file() else None
 
 
-def fit(cfg: DictConfig, out_dir: Path, stage: str, module: L.LightningModule, datamodule: Any,
-        epochs: int, explicit_ckpt: str | None = None) -> None:
+def fit(
+    cfg: DictConfig,
+    out_dir: Path,
+    stage: str,
+    module: L.LightningModule,
+    datamodule: Any,
+    epochs: int,
+    explicit_ckpt: str | None = None,
+) -> None:
     """Fit ``module`` for one stage and restore its best-on-validation weights."""
     trainer = build_trainer(cfg, out_dir, stage, epochs)
     ckpt = resume_path(explicit_ckpt, out_dir, stage)
@@ -144,11 +158,23 @@ def fit(cfg: DictConfig, out_dir: Path, stage: str, module: L.LightningModule, d
 def evaluate(cfg: DictConfig, module: L.LightningModule, datamodule: Any, split: str) -> dict:
     """Validate or test in one process (exact metrics and predictions, even after DDP training)."""
     trainer = L.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=None,
-        **{k: v for k, v in trainer_kwargs(cfg, single_device=True).items()
-           if k in ("accelerator", "precision", "limit_val_batches", "limit_test_batches",
-                    "deterministic")},
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=None,
+        **{
+            k: v
+            for k, v in trainer_kwargs(cfg, single_device=True).items()
+            if k
+            in (
+                "accelerator",
+                "precision",
+                "limit_val_batches",
+                "limit_test_batches",
+                "deterministic",
+            )
+        },
     )
     run = trainer.validate if split == "val" else trainer.test
     run(module, datamodule=datamodule, verbose=False)

@@ -20,9 +20,9 @@ REAL_DATA = Path(os.environ.get("DWSKD_DATA_DIR", REPO.parent / "shared" / "data
 # Small enough for a few seconds per stage on 2 CPU cores, but every stage and code path runs.
 TINY = [
     "data.img_size=32",
-    "data.train_size=96",
-    "data.val_size=32",
-    "data.test_size=48",
+    "data.n_train=96",
+    "data.n_val=32",
+    "data.n_test=48",
     "data.batch_size=16",
     "data.num_workers=0",
     "model.depth=2",

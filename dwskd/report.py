@@ -1,0 +1,366 @@
+"""Run outputs: ``metrics.json``, ``report.md`` and PNG plots (confusion matrix, ROC, curves).
+
+``results`` layout (``metrics.json`` holds exactly this, plus each model entry repeated
+at top level under its name for convenience)::
+
+    {"run": {"method", "data", "model", "teacher", "seed", "wall_time_s", "output_dir",
+             "command", ...},
+     "data": {...summary...},
+     "deployed": "student_a",
+     "models": {"student_a": {"test": {flat metrics}, "val": {...}, "params": int,
+                              "flops": int, "latency_ms": float}, ...}}
+
+Stage dicts hold :func:`dwskd.metrics.flatten_metrics` output **without** a prefix
+(``acc``, ``sensitivity/<class>``, ``confmat``). Figures are drawn on bare
+``matplotlib.figure.Figure`` objects, which render with Agg and never touch pyplot's
+global backend or figure registry.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+from torchmetrics.functional import auroc, roc
+from torchmetrics.utilities.plot import plot_confusion_matrix as draw_confusion_matrix
+
+METRICS_JSON = "metrics.json"
+REPORT_MD = "report.md"
+PLOTS_DIR = "plots"
+LEARNING_CURVES_PNG = "learning_curves.png"
+MODEL_ORDER = ("student_a", "student_b", "ensemble", "teacher")
+RESERVED_KEYS = ("run", "data", "deployed", "models")
+TABLE_HEADER = (
+    "Accuracy",
+    "Balanced acc",
+    "Macro-F1",
+    "AUROC",
+    "Params (M)",
+    "GFLOPs",
+    "Latency (ms)",
+)
+
+
+# --------------------------------------------------------------------------- metrics.json
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: tensors/arrays to lists, paths to str, NaN/inf to null (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def with_model_keys(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results`` plus each ``models[name]`` entry also at top level as ``results[name]``."""
+    out = dict(results)
+    for name, entry in results.get("models", {}).items():
+        if name in RESERVED_KEYS:
+            raise ValueError(f"Model name '{name}' clashes with the metrics.json key '{name}'.")
+        out[name] = entry
+    return out
+
+
+def _refuse_overwrite(path: Path) -> None:
+    if path.exists():
+        raise FileExistsError(
+            f"{path} already exists; dwskd never overwrites earlier results. "
+            "Choose a new output directory (e.g. hydra.run.dir=...) or move the old run away."
+        )
+
+
+def write_metrics_json(out_dir: Path, results: dict) -> Path:
+    """Write ``metrics.json``; refuses to overwrite one from an earlier run."""
+    path = Path(out_dir) / METRICS_JSON
+    _refuse_overwrite(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(with_model_keys(results)), indent=2, allow_nan=False)
+    path.write_text(text + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def _scaled(value: float | None, unit: float) -> float | None:
+    return None if value is None else value / unit
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _ordered_models(models: Mapping[str, Any]) -> list[str]:
+    known = [name for name in MODEL_ORDER if name in models]
+    return known + [name for name in models if name not in MODEL_ORDER]
+
+
+def _bullets(mapping: Mapping[str, Any], max_chars: int = 200) -> list[str]:
+    """One bullet per key; long nested values (the full config) are left to metrics.json."""
+    lines = []
+    for key, value in mapping.items():
+        text = json.dumps(_jsonable(value)) if isinstance(value, (Mapping, list)) else str(value)
+        lines.append(f"- **{key}**: {text if len(text) <= max_chars else '(see metrics.json)'}")
+    return lines
+
+
+def _model_cells(entry: Mapping[str, Any]) -> list[str]:
+    """One table row's cells, in ``TABLE_HEADER`` order; missing values show as a dash."""
+    test = entry.get("test", {})
+    return [
+        *(_fmt(test.get(key), 4) for key in ("acc", "balanced_acc", "f1_macro", "auroc")),
+        _fmt(_scaled(entry.get("params"), 1e6), 2),
+        _fmt(_scaled(entry.get("flops"), 1e9), 3),
+        _fmt(entry.get("latency_ms"), 2),
+    ]
+
+
+def _model_table(models: Mapping[str, Any], deployed: str | None) -> list[str]:
+    """Rows = models, columns = test metrics and cost; the deployed model is marked."""
+    header = "| Model | " + " | ".join(TABLE_HEADER) + " |"
+    rule = "|---|" + "---:|" * len(TABLE_HEADER)
+    rows = []
+    for name in _ordered_models(models):
+        label = f"**{name}** (deployed)" if name == deployed else name
+        rows.append(f"| {label} | " + " | ".join(_model_cells(models[name])) + " |")
+    return [header, rule, *rows]
+
+
+def class_names_of(flat: Mapping[str, Any]) -> list[str]:
+    """Class names in order, read back from the ``sensitivity/<class>`` keys of flat metrics."""
+    return [key.split("/", 1)[1] for key in flat if key.startswith("sensitivity/")]
+
+
+def _per_class_table(flat: Mapping[str, Any]) -> list[str]:
+    rows = [
+        f"| {cls} | {_fmt(flat.get(f'sensitivity/{cls}'), 4)} | "
+        f"{_fmt(flat.get(f'specificity/{cls}'), 4)} |"
+        for cls in class_names_of(flat)
+    ]
+    return ["| Class | Sensitivity | Specificity |", "|---|---:|---:|", *rows]
+
+
+def _plot_links(out_dir: Path, model_names: Sequence[str]) -> list[str]:
+    """Markdown image links to the plots that exist in ``out_dir/plots``."""
+    names = [LEARNING_CURVES_PNG]
+    names += [f"{kind}_{model}.png" for model in model_names for kind in ("confmat", "roc")]
+    return [
+        f"![{name[:-4]}]({PLOTS_DIR}/{name})"
+        for name in names
+        if (Path(out_dir) / PLOTS_DIR / name).is_file()
+    ]
+
+
+def write_report_md(out_dir: Path, results: dict) -> Path:
+    """Human-readable summary of a run; plots are linked when they exist in ``plots/``."""
+    run, models = results.get("run", {}), results.get("models", {})
+    deployed = results.get("deployed")
+    lines = [
+        f"# dwskd report: method={run.get('method')}, data={run.get('data')}, "
+        f"model={run.get('model')}",
+        "",
+        "## Command",
+        "",
+        "```",
+        str(run.get("command", "(not recorded)")),
+        "```",
+        "",
+        "## Run",
+        "",
+        *_bullets({k: v for k, v in run.items() if k != "command"}),
+        "",
+        "## Test results",
+        "",
+        *_model_table(models, deployed),
+        "",
+    ]
+    if deployed in models:
+        lines += [f"## Per-class results ({deployed}, test)", ""]
+        lines += [*_per_class_table(models[deployed].get("test", {})), ""]
+    lines += ["## Data", "", *_bullets(results.get("data", {})), ""]
+    links = _plot_links(out_dir, _ordered_models(models))
+    if links:
+        lines += ["## Plots", "", *[f"{link}\n" for link in links]]
+    path = Path(out_dir) / REPORT_MD
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_confusion_matrix(
+    confmat: list[list[int]], class_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """Confusion matrix (rows = true class) with counts, drawn by torchmetrics' plotter."""
+    n = len(class_names)
+    fig = Figure(figsize=(2.5 + 1.2 * n, 2.0 + 1.2 * n))
+    ax = fig.subplots()
+    draw_confusion_matrix(torch.as_tensor(confmat), ax=ax, labels=list(class_names))
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _roc_curves(
+    probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]
+) -> list[tuple[str, Tensor, Tensor]]:
+    """(legend label, fpr, tpr): one curve for 2 classes (positive = class 1), else one per class."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    t = torch.as_tensor(targets, dtype=torch.long)
+    if p.ndim != 2 or p.shape[1] != len(class_names):
+        raise ValueError(
+            f"plot_roc needs probabilities of shape (N, {len(class_names)}) for classes "
+            f"{list(class_names)}; got shape {tuple(p.shape)}."
+        )
+    if len(class_names) == 2:
+        fpr, tpr, _ = roc(p[:, 1], t, task="binary")
+        auc = auroc(p[:, 1], t, task="binary")
+        return [(f"{class_names[1]} (AUC = {auc:.3f})", fpr, tpr)]
+    c = len(class_names)
+    fprs, tprs, _ = roc(p, t, task="multiclass", num_classes=c)
+    aucs = auroc(p, t, task="multiclass", num_classes=c, average=None)
+    return [
+        (f"{name} vs rest (AUC = {auc:.3f})", fpr, tpr)
+        for name, fpr, tpr, auc in zip(class_names, fprs, tprs, aucs.tolist(), strict=True)
+    ]
+
+
+def plot_roc(
+    probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """ROC curve(s) with AUC in the legend: binary → one curve, multiclass → one-vs-rest."""
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.subplots()
+    for label, fpr, tpr in _roc_curves(probs, targets, class_names):
+        ax.plot(fpr.numpy(), tpr.numpy(), label=label)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def _curve_kind(column: str) -> str | None:
+    """'loss' for train/loss*, val/loss*; 'acc' for val/acc* (also val/<model>/acc*)."""
+    stage, _, rest = column.partition("/")
+    last = rest.rsplit("/", 1)[-1]
+    if stage in ("train", "val") and last.startswith("loss"):
+        return "loss"
+    if stage == "val" and last.startswith("acc"):
+        return "acc"
+    return None
+
+
+def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
+    """Per-epoch mean of every loss/accuracy column of a Lightning CSVLogger ``metrics.csv``.
+
+    CSVLogger writes sparse rows (a step row, a val row, an epoch row); averaging the
+    non-empty values per epoch turns step-level and epoch-level columns alike into curves.
+    ``*_step`` columns are dropped when the matching ``*_epoch`` column exists.
+    """
+    sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    with Path(metrics_csv).open(newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for col, value in row.items():
+                if value not in ("", None) and _curve_kind(col):
+                    sums[col][epoch].append(float(value))
+    curves = {
+        col: {e: float(np.mean(v)) for e, v in sorted(by_epoch.items())}
+        for col, by_epoch in sums.items()
+    }
+    return {
+        col: c
+        for col, c in curves.items()
+        if not (col.endswith("_step") and f"{col[:-5]}_epoch" in curves)
+    }
+
+
+def plot_learning_curves(metrics_csv: Path | None, path: Path) -> Path | None:
+    """Loss and validation-accuracy curves vs epoch; ``None`` when there is nothing to plot."""
+    if metrics_csv is None or not Path(metrics_csv).is_file():
+        return None
+    curves = read_epoch_curves(metrics_csv)
+    kinds = [k for k in ("loss", "acc") if any(_curve_kind(c) == k for c in curves)]
+    if not kinds:
+        return None
+    fig = Figure(figsize=(5.5 * len(kinds), 4.0))
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind in zip(axes, kinds, strict=True):
+        for col, curve in sorted(curves.items()):
+            if _curve_kind(col) == kind:
+                ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=col)
+        ax.set(xlabel="epoch", ylabel=kind, title="loss" if kind == "loss" else "val accuracy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def _class_names_for(entry: Mapping[str, Any], num_classes: int) -> list[str]:
+    names = class_names_of(entry.get("test", {}))
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def write_run_report(
+    out_dir: Path,
+    results: dict,
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    metrics_csv: Path | None,
+) -> dict[str, Path]:
+    """Write metrics.json first (the record), then the plots, then report.md; return the paths.
+
+    ``write_metrics_json`` goes first and refuses an existing ``metrics.json``, so no file of
+    an earlier run is touched.
+    """
+    out_dir = Path(out_dir)
+    paths = {"metrics_json": write_metrics_json(out_dir, results)}
+    plots, models = out_dir / PLOTS_DIR, results.get("models", {})
+    for name, entry in models.items():
+        confmat = entry.get("test", {}).get("confmat")
+        if confmat:
+            names = _class_names_for(entry, len(confmat))
+            paths[f"confmat_{name}"] = plot_confusion_matrix(
+                confmat, names, plots / f"confmat_{name}.png", f"{name}: test confusion matrix"
+            )
+    for name, (probs, targets) in predictions.items():
+        names = _class_names_for(models.get(name, {}), np.shape(probs)[1])
+        paths[f"roc_{name}"] = plot_roc(
+            probs, targets, names, plots / f"roc_{name}.png", f"{name}: test ROC"
+        )
+    curves = plot_learning_curves(metrics_csv, plots / LEARNING_CURVES_PNG)
+    if curves is not None:
+        paths["learning_curves"] = curves
+    paths["report_md"] = write_report_md(out_dir, results)
+    return paths

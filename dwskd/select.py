@@ -1,0 +1,123 @@
+"""``python -m dwskd.select`` / ``dwskd-select``: write a weight-selected student to a file.
+
+Example (offline, local teacher weights)::
+
+    python -m dwskd.select teacher=vit_small teacher.source=file teacher.file=vit_s.safetensors \\
+        model=vit_tiny model.depth=6 selection.offset=1 out=student_b.safetensors
+
+Writes ``out`` (the student's state dict, keys exactly those of ``timm.create_model``) and
+``out.plan.json`` (the :class:`~dwskd.selection.SelectionPlan`, also in the file's metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from dwskd.models import ModelConfigError, create_hub_model, create_model, load_weights_file
+from dwskd.selection import (
+    SelectionPlan,
+    SelectionRecipe,
+    initialize_from_teacher,
+    plan_sidecar,
+    save_selection,
+)
+
+log = logging.getLogger(__name__)
+_TEACHER_SOURCES = ("hub", "file", "random")
+
+
+def recipe_from_config(selection: DictConfig) -> SelectionRecipe:
+    """The ``selection:`` config block as a recipe (lists become plain Python lists)."""
+    return SelectionRecipe(**OmegaConf.to_container(selection, resolve=True))
+
+
+def load_teacher(cfg: DictConfig) -> tuple[nn.Module, bool]:
+    """Create the teacher with its weights; also say whether its head is trained for our labels."""
+    teacher_cfg, source = cfg.teacher, cfg.teacher.source
+    sizes = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
+    if source == "hub":
+        teacher = create_hub_model(teacher_cfg, **sizes)
+        return teacher, teacher.pretrained_cfg.get("num_classes") == cfg.num_classes
+    if source == "file":
+        if not teacher_cfg.get("file"):
+            raise ModelConfigError("teacher.source=file needs teacher.file=/path/to/weights.")
+        teacher = create_model(teacher_cfg, **sizes)
+        head_dropped = load_weights_file(teacher, teacher_cfg.file)
+        return teacher, not head_dropped
+    if source == "random":
+        log.warning("teacher.source=random: selecting from an untrained teacher (tests only).")
+        return create_model(teacher_cfg, **sizes), True
+    raise ModelConfigError(
+        f"teacher.source={source} is not supported by dwskd-select (use one of "
+        f"{_TEACHER_SOURCES}). To train the teacher first run `python -m dwskd.run`, or pass "
+        "its saved weights with teacher.source=file teacher.file=PATH."
+    )
+
+
+def teacher_provenance(cfg: DictConfig) -> dict[str, str | None]:
+    """What the plan needs to name the teacher; timm adapted it to our input while loading."""
+    t = cfg.teacher
+    weights = {"hub": t.get("tag"), "file": t.get("file"), "random": None}[t.source]
+    return {
+        "name": t.name,
+        "source": t.source,
+        "weights": None if weights is None else str(weights),
+        "loaded_as": f"in_chans={cfg.in_chans} img_size={cfg.img_size} "
+        f"num_classes={cfg.num_classes} depth={t.get('depth')}",
+    }
+
+
+def refuse_existing(out: Path) -> None:
+    """Never overwrite earlier results: fail before any work is done."""
+    if out.suffix != ".safetensors":
+        raise ModelConfigError(f"out={out} must end in .safetensors.")
+    for path in (out, plan_sidecar(out)):
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists; refusing to overwrite it. Choose another out= path."
+            )
+
+
+def run(cfg: DictConfig) -> SelectionPlan:
+    """Select the student configured by ``cfg`` from its teacher and write it to ``cfg.out``."""
+    out = Path(cfg.out)
+    refuse_existing(out)
+    recipe = recipe_from_config(cfg.selection)
+    teacher, head_trained = load_teacher(cfg)
+    if not head_trained and recipe.head == "auto":
+        recipe = dataclasses.replace(
+            recipe, head="reinit"
+        )  # an untrained head is not worth copying
+    student = create_model(
+        cfg.model, num_classes=cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size
+    )
+    plan = initialize_from_teacher(student, teacher, recipe)
+    plan.teacher = teacher_provenance(cfg)
+    save_selection(out, student.state_dict(), plan)
+    log.info(
+        "wrote %s (teacher blocks %s, head %s)",
+        out,
+        plan.teacher_blocks,
+        "re-initialised" if plan.head_reinitialised else "selected",
+    )
+    return plan
+
+
+@hydra.main(config_path="../conf", config_name="select", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console script ``dwskd-select``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

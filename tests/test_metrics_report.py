@@ -1,0 +1,224 @@
+"""Metrics against hand-computed values, and the run report (metrics.json, report.md, plots)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import BinaryAUROC
+
+from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
+from dwskd.report import (
+    plot_learning_curves,
+    plot_roc,
+    read_epoch_curves,
+    write_metrics_json,
+    write_run_report,
+)
+
+CLASSES = ["cat", "dog", "eel"]
+TARGETS = [0, 0, 0, 1, 1, 2, 2]
+PROBS = [  # argmax: 0, 0, 1, 1, 1, 2, 0
+    [0.7, 0.2, 0.1],
+    [0.6, 0.3, 0.1],
+    [0.3, 0.6, 0.1],
+    [0.1, 0.8, 0.1],
+    [0.2, 0.5, 0.3],
+    [0.1, 0.2, 0.7],
+    [0.5, 0.1, 0.4],
+]
+# By hand: confmat rows = true class.  recall = 2/3, 2/2, 1/2;  precision = 2/3, 2/3, 1/1
+# specificity = TN / negatives: 3/4, 4/5, 5/5;  F1 = 2/3, 0.8, 2/3
+# Imbalanced on purpose: micro accuracy 5/7 differs from balanced accuracy.
+HAND = {
+    "acc": 5 / 7,
+    "balanced_acc": (2 / 3 + 1.0 + 0.5) / 3,
+    "f1_macro": (2 / 3 + 0.8 + 2 / 3) / 3,
+    "sensitivity": [2 / 3, 1.0, 0.5],
+    "specificity": [0.75, 0.8, 1.0],
+    "confmat": [[2, 1, 0], [0, 2, 0], [1, 0, 1]],
+}
+
+
+def _computed(probs=PROBS, targets=TARGETS, num_classes=3) -> dict[str, torch.Tensor]:
+    metrics = classification_metrics(num_classes)
+    p, t = torch.tensor(probs), torch.tensor(targets)
+    metrics.update(p[:3], t[:3])  # two batches: state must accumulate
+    metrics.update(p[3:], t[3:])
+    return metrics.compute()
+
+
+def _auroc_by_pairs(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUROC: P(score of a positive > score of a negative), ties count 1/2."""
+    pos, neg = scores[positive], scores[~positive]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def test_metrics_match_hand_computed_values():
+    computed = _computed()
+    for name in ("acc", "balanced_acc", "f1_macro"):
+        assert computed[name].item() == pytest.approx(HAND[name], abs=1e-6), name
+    for name in ("sensitivity", "specificity"):
+        assert computed[name].tolist() == pytest.approx(HAND[name], abs=1e-6), name
+    assert computed["confmat"].tolist() == HAND["confmat"]
+    scores, targets = np.array(PROBS), np.array(TARGETS)
+    per_class = [_auroc_by_pairs(scores[:, c], targets == c) for c in range(3)]
+    assert computed["auroc"].item() == pytest.approx(np.mean(per_class), abs=1e-6)
+
+
+def test_two_class_macro_auroc_equals_binary_auroc():
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 2, (64,), generator=gen)
+    p1 = (torch.rand(64, generator=gen) + 0.4 * targets).clamp(max=1.0)  # informative, not perfect
+    probs = torch.stack([1 - p1, p1], dim=1)
+    macro = classification_metrics(2)(probs, targets)["auroc"].item()
+    binary = BinaryAUROC()(p1, targets).item()
+    assert macro == pytest.approx(binary, abs=1e-6)
+    assert macro == pytest.approx(_auroc_by_pairs(p1.numpy(), targets.numpy() == 1), abs=1e-6)
+    assert 0.6 < macro < 1.0
+
+
+def test_flatten_metrics_names_and_scalar_only():
+    flat = flatten_metrics(_computed(), CLASSES, prefix="test/")
+    expected_keys = {"test/acc", "test/balanced_acc", "test/f1_macro", "test/auroc", "test/confmat"}
+    expected_keys |= {f"test/{m}/{c}" for m in ("sensitivity", "specificity") for c in CLASSES}
+    assert set(flat) == expected_keys
+    assert flat["test/specificity/eel"] == pytest.approx(1.0)
+    assert flat["test/sensitivity/dog"] == pytest.approx(1.0)
+    assert flat["test/confmat"] == HAND["confmat"]
+    assert all(isinstance(v, int) for row in flat["test/confmat"] for v in row)
+    scalars = scalar_only(flat)
+    assert set(scalars) == expected_keys - {"test/confmat"}
+    assert all(type(v) is float for v in scalars.values())
+    with pytest.raises(ValueError, match="3 per-class values but 2 class names"):
+        flatten_metrics(_computed(), ["cat", "dog"])
+
+
+# --------------------------------------------------------------------------- report
+
+FAKE_CSV = """epoch,step,train/loss_step,train/loss_epoch,val/loss,val/acc,val/student_b/acc,lr
+0,4,2.0,,,,,0.1
+0,9,1.0,,,,,0.1
+0,9,,,1.2,0.5,0.4,
+0,9,,1.4,,,,
+1,14,0.8,,,,,0.1
+1,19,0.6,,,,,0.1
+1,19,,,0.9,0.75,0.6,
+1,19,,0.7,,,,
+"""
+
+
+def _results(out_dir) -> dict:
+    flat = flatten_metrics(_computed(), CLASSES)
+    other = dict(flat, acc=0.5, auroc=float("nan"))
+    return {
+        "run": {
+            "method": "dwskd",
+            "data": "synthetic",
+            "model": "vit_tiny",
+            "teacher": "vit_small",
+            "seed": 7,
+            "wall_time_s": 12.5,
+            "output_dir": out_dir,
+            "command": "python -m dwskd.run method=dwskd seed=7",
+            "config": {f"option_{i}": i for i in range(50)},
+        },
+        "data": {"name": "synthetic", "class_names": CLASSES, "sizes": {"train": 60, "test": 6}},
+        "deployed": "student_a",
+        "models": {
+            "student_a": {
+                "test": flat,
+                "params": 5_530_000,
+                "flops": 1_260_000_000,
+                "latency_ms": 3.14159,
+            },
+            "student_b": {
+                "test": other,
+                "params": 5_530_000,
+                "flops": 1_260_000_000,
+                "latency_ms": 3.2,
+            },
+        },
+    }
+
+
+def test_write_run_report_writes_everything_and_never_overwrites(tmp_path):
+    csv_path = tmp_path / "logs" / "metrics.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text(FAKE_CSV)
+    results = _results(tmp_path)
+    predictions = {"student_a": (np.array(PROBS), np.array(TARGETS))}
+    paths = write_run_report(tmp_path, results, predictions, csv_path)
+
+    assert set(paths) == {
+        "metrics_json", "report_md", "confmat_student_a", "confmat_student_b", "roc_student_a",
+        "learning_curves",
+    }  # fmt: skip
+    for key, path in paths.items():
+        assert path.is_file() and path.stat().st_size > 0, key
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    saved = json.loads(paths["metrics_json"].read_text())
+    assert saved["student_a"] == saved["models"]["student_a"]
+    assert saved["student_b"]["test"]["auroc"] is None  # NaN stored as strict-JSON null
+    assert saved["student_a"]["test"]["acc"] == pytest.approx(HAND["acc"])
+    assert saved["student_a"]["test"]["confmat"] == HAND["confmat"]
+    assert saved["run"]["output_dir"] == str(tmp_path)
+    assert saved["deployed"] == "student_a"
+    assert saved["run"]["config"]["option_49"] == 49
+
+    report = paths["report_md"].read_text()
+    assert "method=dwskd, data=synthetic, model=vit_tiny" in report
+    assert "python -m dwskd.run method=dwskd seed=7" in report
+    assert "- **seed**: 7" in report
+    assert "- **config**: (see metrics.json)" in report  # the full config stays in the JSON
+    row_a = next(line for line in report.splitlines() if line.startswith("| **student_a**"))
+    for number in ("0.7143", "0.7222", "0.7111", "5.53", "1.260", "3.14"):
+        assert number in row_a
+    row_b = next(line for line in report.splitlines() if line.startswith("| student_b"))
+    assert "0.5000" in row_b and "0.7222" in row_b and "—" in row_b
+    assert "| eel | 0.5000 | 1.0000 |" in report
+    assert "| dog | 1.0000 | 0.8000 |" in report
+    for png in ("learning_curves", "confmat_student_a", "roc_student_a"):
+        assert f"(plots/{png}.png)" in report
+    assert "roc_student_b" not in report
+
+    before = paths["report_md"].read_text()
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        write_run_report(tmp_path, _results(tmp_path), predictions, csv_path)
+    with pytest.raises(FileExistsError, match="metrics.json"):
+        write_metrics_json(tmp_path, {})
+    assert paths["report_md"].read_text() == before
+
+
+def test_learning_curves_from_csvlogger_file(tmp_path):
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(FAKE_CSV)
+    curves = read_epoch_curves(csv_path)
+    assert set(curves) == {"train/loss_epoch", "val/loss", "val/acc", "val/student_b/acc"}
+    assert curves["val/acc"] == {0: 0.5, 1: 0.75}
+    assert curves["train/loss_epoch"] == {0: 1.4, 1: 0.7}
+    png = plot_learning_curves(csv_path, tmp_path / "curves.png")
+    assert png is not None and png.stat().st_size > 0
+
+    steps_only = tmp_path / "steps.csv"
+    steps_only.write_text("epoch,step,train/loss_step\n0,1,2.0\n0,2,1.0\n1,3,0.5\n")
+    assert read_epoch_curves(steps_only) == {"train/loss_step": {0: 1.5, 1: 0.5}}
+
+    no_curves = tmp_path / "other.csv"
+    no_curves.write_text("epoch,step,lr\n0,1,0.1\n")
+    assert plot_learning_curves(no_curves, tmp_path / "none.png") is None
+    assert plot_learning_curves(tmp_path / "missing.csv", tmp_path / "none.png") is None
+    assert plot_learning_curves(None, tmp_path / "none.png") is None
+
+
+def test_plot_roc_binary_and_bad_shape(tmp_path):
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.8, 0.2]])
+    path = plot_roc(probs, np.array([0, 1, 1, 0]), ["NORMAL", "PNEUMONIA"], tmp_path / "r.png", "t")
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
+        plot_roc(probs, np.array([0, 1, 1, 0]), CLASSES, tmp_path / "bad.png", "t")
