@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from dwskd import distill
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
 
 STUDENT_NAMES = ("a", "b", "c", "d")
+# The EMA copies and the frozen teacher are in eval mode on purpose (see DistillModule.train).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -128,7 +131,7 @@ class DistillModule(L.LightningModule):
             self._add_teacher_kd(terms, logits, views)
         total = sum(t["total"] for t in terms)
         log = {
-            f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms) for k, v in t.items()
+            f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms, strict=True) for k, v in t.items()
         }
         log["train/loss"] = total.detach()
         self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=y.shape[0])

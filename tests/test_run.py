@@ -41,7 +41,8 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     assert saved["ensemble"]["params"] == saved["student_a"]["params"] + saved["student_b"]["params"]
     assert saved["deployed"] in ("student_a", "student_b")
     assert (out / "report.md").read_text().count("student_a") >= 1
-    assert list(out.glob("*.png")), "plots are missing"
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"confmat_student_a.png", "roc_teacher.png", "learning_curves.png"} <= plots, plots
     assert list((out / "stages" / "train" / "checkpoints").glob("best-*.ckpt"))
     assert (out / "stages" / "train" / "checkpoints" / "last.ckpt").is_file()
 
@@ -69,7 +70,7 @@ def test_selected_students_start_from_the_teacher(dwskd_run: tuple[Path, dict]) 
     assert torch.equal(b[key], teacher[key][1::2])
 
 
-def test_rerun_in_same_directory_skips_finished_stages(dwskd_run, caplog) -> None:
+def test_rerun_in_same_directory_skips_finished_stages(dwskd_run: tuple[Path, dict]) -> None:
     out, results = dwskd_run
     with pytest.raises(FileExistsError, match="metrics.json"):
         run_pipeline(compose_config("teacher.source=fit"), out)
