@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import models, selection, training
+from dwskd import distill, models, selection, training
 from dwskd.module import DistillModule
 from dwskd.report import write_run_report
 
@@ -88,7 +88,10 @@ def check_options(run: Run) -> None:
     if method.deploy == "b" and method.students < 2:
         raise ValueError("method.deploy=b needs method.students=2")
     d = method.distill
-    from dwskd import distill
+    if not d.labels and run.cfg.data.get("views", 1) != 2:
+        raise ValueError(
+            "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
+        )
 
     distill.check_distill_options(d.alpha, d.beta, d.temperature, d.ema_momentum)
     if method.students and method.init == "select":

@@ -172,3 +172,20 @@ def test_two_process_cpu_ddp(tmp_path: Path) -> None:
         compose_config("method=dml", "trainer=ddp_cpu", "eval.latency=false"), tmp_path
     )
     assert {"student_a", "student_b", "ensemble"} <= set(results["models"])
+
+
+def test_label_free_skd_trains_on_two_views_without_ce(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "method.distill.labels=false", "data.views=2", "teacher.source=random",
+        "eval.latency=false",
+    )
+    run_pipeline(cfg, tmp_path)
+    rows = read_metrics_csv(tmp_path / "logs" / "train" / "metrics.csv")
+    assert logged_values(rows, "train/a/partner_kd_step")
+    assert logged_values(rows, "train/b/ema_kd_step")
+    assert "train/a/ce_step" not in rows[0], "label-free SKD must not use the labels"
+
+
+def test_label_free_skd_without_two_views_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.views=2"):
+        run_pipeline(compose_config("method.distill.labels=false"), tmp_path)
