@@ -80,6 +80,7 @@ class DistillModule(L.LightningModule):
             {n: classification_metrics(num_classes) for n in eval_names}
         )
         self.test_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.test_flat: dict[str, dict] = {}
         self._test_buffer: dict[str, list[torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- training
@@ -197,7 +198,7 @@ class DistillModule(L.LightningModule):
             flat = flatten_metrics(metrics.compute(), self.class_names, "")
             self.log_dict({f"test/{name}/{k}": v for k, v in scalar_only(flat).items()})
             self.test_outputs[name] = (torch.cat(self._test_buffer.pop(name)), targets)
-            self.test_flat = getattr(self, "test_flat", {}) | {name: flat}
+            self.test_flat[name] = flat
             metrics.reset()
 
     # ---------------------------------------------------------------- optimiser

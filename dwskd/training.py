@@ -63,12 +63,23 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str) -> Any:
     target = str(cfg.logger._target_)
     if target.endswith("WandbLogger"):
         logger = instantiate(
-            cfg.logger, save_dir=str(out_dir), name=f"{cfg.logger.name}-{stage}", job_type=stage
+            cfg.logger, save_dir=str(out_dir), name=f"{cfg.logger.name}-{stage}", job_type=stage,
+            group=cfg.logger.get("group") or wandb_group(cfg),
         )
     else:
         logger = instantiate(cfg.logger, save_dir=str(out_dir), version=stage)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
+
+
+def wandb_group(cfg: DictConfig) -> str:
+    """Runs of one multirun sweep share a group (the sweep folder); single runs: data-method."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return f"{cfg.data.name}-{cfg.method.name}"
 
 
 def finish_loggers() -> None:

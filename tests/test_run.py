@@ -167,11 +167,21 @@ def test_unknown_method_is_a_clear_config_error() -> None:
         compose_config("method=magic")
 
 
-def test_two_process_cpu_ddp(tmp_path: Path) -> None:
-    results = run_pipeline(
-        compose_config("method=dml", "trainer=ddp_cpu", "eval.latency=false"), tmp_path
+def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "trainer=ddp_cpu", "teacher.source=random", "method.epochs.finetune=0", "eval.latency=false"
     )
-    assert {"student_a", "student_b", "ensemble"} <= set(results["models"])
+    results = run_pipeline(cfg, tmp_path)
+    assert {"student_a", "student_b", "ensemble", "teacher"} <= set(results["models"])
+    ckpt = torch.load(tmp_path / "stages" / "train" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = ckpt["state_dict"]
+    from safetensors.torch import load_file
+
+    key = "blocks.0.attn.qkv.weight"
+    initial = load_file(str(tmp_path / "stages" / "select" / "student_a.safetensors"))[key]
+    ema, student = state[f"ema.0.{key}"], state[f"students.0.{key}"]
+    assert not torch.equal(ema, initial), "the EMA teacher was not updated under DDP"
+    assert not torch.equal(ema, student), "the EMA teacher should lag the student"
 
 
 def test_label_free_skd_trains_on_two_views_without_ce(tmp_path: Path) -> None:
@@ -189,3 +199,12 @@ def test_label_free_skd_trains_on_two_views_without_ce(tmp_path: Path) -> None:
 def test_label_free_skd_without_two_views_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data.views=2"):
         run_pipeline(compose_config("method.distill.labels=false"), tmp_path)
+
+
+def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose_config("method=scratch", "logger=wandb", "eval.latency=false")
+    run_pipeline(cfg, tmp_path / "run")
+    runs = list((tmp_path / "run").rglob("offline-run-*"))
+    assert runs, "no offline W&B run was written"
