@@ -1,0 +1,144 @@
+"""Image-folder datasets laid out as ``<root>/<split>/<class>/<image>`` (split: train/val/test).
+
+Every file is decoded once at set-up (in threads; JPEGs at reduced scale through Pillow's
+draft mode), which both finds bad files before training starts and fills the in-memory
+cache of resized uint8 images that keeps loading far ahead of a CPU training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dwskd.data.base import BaseDataModule, SplitData, fit_images
+from dwskd.data.checks import (
+    DataError,
+    check_class_sets,
+    check_no_leakage,
+    find_split_dirs,
+    require_choice,
+    require_root,
+    scan_split,
+)
+
+log = logging.getLogger(__name__)
+_HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def read_image(path: Path, img_size: int, channels: int) -> np.ndarray:
+    """Decode one file to uint8 (img_size, img_size, channels); raises on unreadable files."""
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(path) as image:
+        image.draft(mode, (img_size, img_size))
+        image.load()
+        array = _to_uint8(image, mode)
+    return fit_images(array[None], img_size, channels)[0]
+
+
+def _to_uint8(image: Image.Image, mode: str) -> np.ndarray:
+    """8-bit pixels; 16-bit/float images are min-max scaled (Pillow would clip them to white)."""
+    if image.mode not in _HIGH_BIT_MODES:
+        return np.asarray(image.convert(mode))
+    array = np.asarray(image, dtype=np.float32)
+    low, high = float(array.min()), float(array.max())
+    return np.round(255 * (array - low) / max(high - low, 1e-6)).astype(np.uint8)
+
+
+def _try_read(path: Path, img_size: int, channels: int) -> np.ndarray | Exception:
+    """read_image, returning the error instead of raising it (for a thread pool)."""
+    try:
+        return read_image(path, img_size, channels)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return err
+
+
+def _require_each_class(labels: np.ndarray, class_names: list[str], files: dict) -> None:
+    """A class whose every image was skipped would silently vanish from the label space."""
+    for i, name in enumerate(class_names):
+        if not np.any(labels == i):
+            folder = files[name][0].parent
+            raise DataError(f"No readable image left in class folder {str(folder)!r}.")
+
+
+class LazyImages:
+    """Reads files on every access (``cache=false``): little memory, more CPU per epoch."""
+
+    def __init__(self, paths: Sequence[Path], img_size: int, channels: int) -> None:
+        self.paths, self.img_size, self.channels = list(paths), img_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Any) -> Any:
+        if np.ndim(index) == 0:
+            return read_image(self.paths[int(index)], self.img_size, self.channels)
+        return LazyImages([self.paths[i] for i in index], self.img_size, self.channels)
+
+
+class ImageFolderDataModule(BaseDataModule):
+    """Any ``<root>/<split>/<class>/*`` dataset; val is drawn from train when absent.
+
+    ``bad_images``: ``skip`` (warn, count in ``summary()``) or ``error`` (raise naming the
+    file). ``download_hint`` is shown when the root is missing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str = "folder",
+        bad_images: str = "skip",
+        download_hint: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(name=name, **options)
+        require_choice("bad_images", bad_images, ("skip", "error"))
+        self.root, self.bad_images, self.download_hint = str(root), bad_images, download_hint
+
+    def _load_splits(self) -> tuple[dict[str, SplitData], list[str]]:
+        root = Path(self.root).expanduser()
+        require_root(root, self.download_hint)
+        files = {split: scan_split(d) for split, d in find_split_dirs(root).items()}
+        class_names = check_class_sets({s: list(by_class) for s, by_class in files.items()})
+        check_no_leakage({s: sum(by_class.values(), []) for s, by_class in files.items()})
+        splits = {s: self._read_split(by_class, class_names) for s, by_class in files.items()}
+        return splits, class_names
+
+    def _read_split(self, files: dict[str, list[Path]], class_names: list[str]) -> SplitData:
+        """Decode a split's files, apply the bad-image policy, keep pixels or paths."""
+        paths = [p for c in class_names for p in files[c]]
+        labels = np.array([i for i, c in enumerate(class_names) for _ in files[c]], np.int64)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            decoded = list(pool.map(lambda p: _try_read(p, self.img_size, self.channels), paths))
+        bad = [(p, r) for p, r in zip(paths, decoded, strict=True) if isinstance(r, Exception)]
+        self._handle_bad_images(bad)
+        keep = [i for i, r in enumerate(decoded) if not isinstance(r, Exception)]
+        if self.cache:
+            images: Any = np.stack([decoded[i] for i in keep])
+        else:
+            images = LazyImages([paths[i] for i in keep], self.img_size, self.channels)
+        _require_each_class(labels[keep], class_names, files)
+        names = [paths[i].name for i in keep]
+        return SplitData(images, labels[keep], names, skipped=[str(p) for p, _ in bad])
+
+    def _handle_bad_images(self, bad: list[tuple[Path, Exception]]) -> None:
+        """``error``: raise naming the first bad file; ``skip``: warn listing them."""
+        if not bad:
+            return
+        path, err = bad[0]
+        if self.bad_images == "error":
+            raise DataError(
+                f"Cannot read image {str(path)!r} ({type(err).__name__}: {err}). Replace or "
+                "delete the file, or set data.bad_images=skip to skip unreadable images."
+            )
+        listed = ", ".join(str(p) for p, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        message = f"data={self.name}: skipped {len(bad)} unreadable image(s): {listed}"
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
