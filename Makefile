@@ -40,6 +40,15 @@ run: ## the default run: synthetic data, dual-model SKD, offline (ARGS="key=valu
 select: ## weight selection CLI (ARGS="teacher.source=file teacher.file=... out=student.safetensors")
 	$(PY) -m dwskd.select $(ARGS)
 
+paper: ## the full comparison table on real data (hours on 2 cores; resumes) -> experiments/results/
+	$(PY) -m experiments.paper $(ARGS)
+
+paper-quick: ## one dataset (lung_ct), one seed, tiny epochs (minutes)
+	$(PY) -m experiments.paper --quick $(ARGS)
+
+bench: ## framework costs side by side -> experiments/results/bench.md
+	$(PY) -m experiments.bench $(ARGS)
+
 clean: ## remove caches (never run outputs: delete outputs/ yourself)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

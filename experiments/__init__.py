@@ -1,0 +1,1 @@
+"""Experiment scripts (``python -m experiments.paper``, ``python -m experiments.bench``)."""

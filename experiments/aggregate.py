@@ -1,0 +1,299 @@
+"""Turn a sweep's run directories into the comparison table (Markdown, CSV) and a bar chart.
+
+Runs live at ``<root>/<scenario>/<dataset>/<method>/s<seed>/metrics.json`` (the layout that
+:mod:`experiments.paper` writes). Each run gives one row for its *deployed* model, and
+two-student methods also give rows for ``student_a``, ``student_b`` and ``ensemble``.
+Numbers are mean ± sample standard deviation (ddof=1) over seeds; one seed has no std.
+
+    python -m experiments.aggregate outputs/paper            # -> experiments/results/paper.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines, now_iso
+
+META_FILE = "paper_meta.json"
+QUALITY = ("acc", "balanced_acc", "f1_macro", "auroc")
+QUALITY_NAMES = ("Accuracy", "Balanced acc", "Macro-F1", "AUROC")
+COSTS = ("params", "flops", "latency_ms")
+EXTRA_MODELS = ("student_a", "student_b", "ensemble")
+SCENARIO_TITLES = {
+    "in_domain": "In-domain teacher (ViT-S trained on the task's own train split)",
+    "transfer": "Transfer teacher (ViT-S trained on another modality, head re-initialised)",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model of one run: the unit that is averaged over seeds."""
+
+    scenario: str
+    dataset: str
+    method: str
+    model: str  # "deployed" or student_a / student_b / ensemble
+    seed: int
+    values: dict[str, float]
+    deployed: str
+
+
+# ------------------------------------------------------------------------- collecting
+def find_runs(root: Path) -> list[Path]:
+    return sorted(Path(root).glob("*/*/*/s*/metrics.json"))
+
+
+def rows_of_run(path: Path) -> list[Row]:
+    """The deployed model's row, plus each student and the ensemble where there are two."""
+    scenario, dataset, method, seed_dir = path.parent.parts[-4:]
+    results = json.loads(path.read_text())
+    models, deployed = results["models"], results["deployed"]
+    wall = results.get("run", {}).get("wall_time_s")
+    names = {"deployed": deployed}
+    if "ensemble" in models:
+        names.update({name: name for name in EXTRA_MODELS})
+    rows = []
+    for label, name in names.items():
+        entry = models[name]
+        values = {k: entry["test"].get(k) for k in QUALITY}
+        values.update({k: entry.get(k) for k in COSTS})
+        values["wall_time_s"] = wall
+        seed = int(seed_dir.removeprefix("s"))
+        rows.append(Row(scenario, dataset, method, label, seed, values, deployed))
+    return rows
+
+
+def collect_rows(root: Path) -> list[Row]:
+    return [row for path in find_runs(root) for row in rows_of_run(path)]
+
+
+# ------------------------------------------------------------------------- statistics
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof=1) of the finite values; std is NaN for fewer than two."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return math.nan, math.nan, 0
+    std = statistics.stdev(finite) if len(finite) > 1 else math.nan
+    return statistics.fmean(finite), std, len(finite)
+
+
+def group_key(row: Row) -> tuple[str, str, str, str]:
+    return row.scenario, row.dataset, row.method, row.model
+
+
+def summarise(rows: Sequence[Row]) -> list[dict]:
+    """One record per (scenario, dataset, method, model): mean/std of every value, seeds, deploys."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[group_key(row)].append(row)
+    records = []
+    for key in sorted(groups, key=sort_key):
+        members = groups[key]
+        record = dict(zip(("scenario", "dataset", "method", "model"), key, strict=True))
+        record["seeds"] = " ".join(str(r.seed) for r in sorted(members, key=lambda r: r.seed))
+        record["deployed"] = deployed_summary(members)
+        for name in (*QUALITY, *COSTS, "wall_time_s"):
+            mean, std, _ = mean_std(r.values.get(name) for r in members)
+            record[f"{name}_mean"], record[f"{name}_std"] = mean, std
+        record["n"] = len(members)
+        records.append(record)
+    return records
+
+
+def sort_key(key: tuple[str, str, str, str]) -> tuple:
+    scenario, dataset, method, model = key
+    order = METHODS.index(method) if method in METHODS else len(METHODS)
+    return scenario, dataset, order, method, model != "deployed", model
+
+
+def deployed_summary(rows: Sequence[Row]) -> str:
+    """Which model was deployed in how many seeds, e.g. ``student_a x2, student_b x1``."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row.deployed] += 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
+# --------------------------------------------------------------------------- markdown
+def pct(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
+
+
+def plain(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text + ("" if math.isnan(std) else f" ± {std * scale:.{digits}f}")
+
+
+def table_rows(records: Sequence[dict], scenario: str, dataset: str) -> list[dict]:
+    """A scenario's rows for one dataset; transfer tables also show the teacher-free runs."""
+    own = [r for r in records if r["scenario"] == scenario and r["dataset"] == dataset]
+    if scenario == "in_domain":
+        return own
+    shared = [
+        dict(r, method=f"{r['method']} (no teacher)")
+        for r in records
+        if r["scenario"] == "in_domain" and r["dataset"] == dataset and r["method"] in TEACHER_FREE
+    ]
+    return shared + own
+
+
+def markdown_table(rows: Sequence[dict]) -> list[str]:
+    header = ["Method", "Model", "n", *QUALITY_NAMES, "Params (M)", "Latency (ms)", "Wall (min)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        model = r["model"] if r["model"] != "deployed" else f"deployed ({r['deployed']})"
+        cells = [r["method"], model, str(r["n"])]
+        cells += [pct(r[f"{k}_mean"], r[f"{k}_std"]) for k in QUALITY]
+        cells.append(plain(r["params_mean"], math.nan, 1e-6, 2))
+        cells.append(plain(r["latency_ms_mean"], r["latency_ms_std"], 1.0, 2))
+        cells.append(plain(r["wall_time_s_mean"], math.nan, 1 / 60, 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict(rows: Sequence[dict]) -> str | None:
+    """Does dwskd's deployed student beat every student baseline on mean test accuracy?"""
+    deployed = {r["method"]: r for r in rows if r["model"] == "deployed"}
+    ours = deployed.get("dwskd")
+    baselines = {
+        m: r
+        for m, r in deployed.items()
+        if m not in ("dwskd", "teacher") and not math.isnan(r["acc_mean"])
+    }
+    if ours is None or not baselines:
+        return None
+    best_name, best = max(baselines.items(), key=lambda item: item[1]["acc_mean"])
+    gap = 100 * (ours["acc_mean"] - best["acc_mean"])
+    noise = max(ours["acc_std"], best["acc_std"])
+    within = "" if math.isnan(noise) else (" (within one std)" if abs(gap) <= 100 * noise else "")
+    word = "beats" if gap > 0 else ("ties with" if gap == 0 else "does not beat")
+    return f"dwskd {word} the best baseline ({best_name}): {gap:+.1f} accuracy points{within}."
+
+
+def header_lines(meta: Mapping | None, root: Path) -> list[str]:
+    """Command, budget, image size, machine and date of the runs behind the table."""
+    lines = [f"- aggregated: {now_iso()} from `{root}`"]
+    if not meta or not meta.get("invocations"):
+        return lines + ["- (no paper_meta.json: runs were not made by experiments.paper)"]
+    last = meta["invocations"][-1]
+    budget = last["budget"]
+    lines += [
+        f"- command: `{last['command']}` (from the repository root)",
+        f"- budget (every method): {budget['img_size']} px, batch {budget['batch_size']}, "
+        f"teacher {budget['teacher_epochs']} epochs, every student {budget['student_epochs']} "
+        f"passes over train (dml/dwskd: {budget['student_epochs'] - budget['finetune_epochs']} "
+        f"joint + {budget['finetune_epochs']} fine-tune), transfer teacher fine-tune "
+        f"{budget['transfer_epochs']} epochs; device {last['device']}; extra overrides: "
+        f"`{' '.join(last['extra']) or 'none'}`",
+        f"- transfer teachers: {', '.join(f'{t} <- {s}' for t, s in last['transfer_source'].items())}",
+    ]
+    for entry in meta["invocations"]:
+        lines.append(f"- runs made {entry['date']}:")
+        lines += ["  " + line for line in machine_lines(entry["machine"])]
+    return lines
+
+
+def markdown(records: Sequence[dict], meta: Mapping | None, root: Path, plot: str | None) -> str:
+    lines = ["# dwskd vs baselines: test metrics, mean ± std over seeds", ""]
+    lines += header_lines(meta, root)
+    lines += [
+        "",
+        "Deployed = the model each method ships (dwskd/dml: the student with the better "
+        "validation accuracy after joint training, then fine-tuned). Model selection used "
+        "validation data only; test was evaluated once per run. Latency: batch 1, CPU.",
+    ]
+    if plot:
+        lines += ["", f"![accuracy per dataset and method]({plot})"]
+    for scenario in sorted({r["scenario"] for r in records}):
+        lines += ["", f"## {SCENARIO_TITLES.get(scenario, scenario)}"]
+        for dataset in sorted({r["dataset"] for r in records if r["scenario"] == scenario}):
+            rows = table_rows(records, scenario, dataset)
+            lines += ["", f"### {dataset}", "", *markdown_table(rows)]
+            said = verdict(rows)
+            if said:
+                lines += ["", said]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- csv, png
+def write_csv(records: Sequence[dict], path: Path) -> None:
+    fields = ["scenario", "dataset", "method", "model", "n", "seeds", "deployed"]
+    fields += [f"{k}_{s}" for k in (*QUALITY, *COSTS, "wall_time_s") for s in ("mean", "std")]
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in fields} for r in records)
+
+
+def accuracy_figure(records: Sequence[dict]) -> Figure:
+    """Grouped bars: test accuracy of the deployed model, one panel per scenario."""
+    deployed = [r for r in records if r["model"] == "deployed"]
+    scenarios = sorted({r["scenario"] for r in deployed})
+    fig = Figure(figsize=(6 * len(scenarios), 4), layout="constrained")
+    axes = fig.subplots(1, len(scenarios), squeeze=False)[0]
+    for ax, scenario in zip(axes, scenarios, strict=True):
+        own = [r for r in deployed if r["scenario"] == scenario]
+        datasets = sorted({r["dataset"] for r in own})
+        methods = [m for m in METHODS if any(r["method"] == m for r in own)]
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            xs, heights, errors = [], [], []
+            for j, dataset in enumerate(datasets):
+                match = [r for r in own if r["method"] == method and r["dataset"] == dataset]
+                if match:
+                    xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                    heights.append(100 * match[0]["acc_mean"])
+                    errors.append(100 * float(np.nan_to_num(match[0]["acc_std"])))
+            ax.bar(xs, heights, width, yerr=errors, capsize=2, label=method)
+        ax.set_xticks(range(len(datasets)), datasets)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(scenario)
+        ax.legend(fontsize=7, ncols=3)
+    return fig
+
+
+def write_results(root: Path, results_dir: Path, name: str) -> list[Path]:
+    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` from every run under ``root``."""
+    root, results_dir = Path(root), Path(results_dir)
+    records = summarise(collect_rows(root))
+    if not records:
+        raise SystemExit(
+            f"No runs with metrics.json under {root}/<scenario>/<dataset>/<method>/s<seed>/"
+        )
+    results_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = root / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    paths = [results_dir / f"{name}.{ext}" for ext in ("md", "csv", "png")]
+    accuracy_figure(records).savefig(paths[2], dpi=120)
+    write_csv(records, paths[1])
+    paths[0].write_text(markdown(records, meta, root, paths[2].name))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("root", type=Path, help="runs root, e.g. outputs/paper")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default="paper")
+    args = p.parse_args(argv)
+    for path in write_results(args.root, args.results_dir, args.name):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

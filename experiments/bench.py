@@ -1,0 +1,353 @@
+"""What the framework costs, measured side by side in one process: ``results/bench.md``.
+
+    python -m experiments.bench             # ~3-5 min on 2 CPU cores
+    python -m experiments.bench --smoke     # seconds: tiny sizes, checks that it runs
+
+1. a framework training step (DistillModule + lightning.Trainer, as the pipeline builds
+   it) vs a plain PyTorch loop (same ViT-T, batch, tensors, AdamW, gradient clipping);
+2. a dual-model SKD step (two students + EMA teachers) and a KD step (student + frozen
+   ViT-S) vs a single-student step;
+3. inference latency of ViT-T vs ViT-S vs ViT-B (batch 1 and 32, two image sizes);
+4. weight-selection time ViT-B -> ViT-T and ViT-S -> ViT-T;
+5. train-loader throughput (synthetic, and real lung CT when present) vs training throughput.
+
+Steps are timed start-to-start (data fetch, forward, backward, optimiser, EMA update and
+logging all inside) after warm-up steps; every figure is a median of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dwskd.models import create_model, measure_latency_ms
+from dwskd.module import DistillModule
+from dwskd.pipeline import plain_ce
+from dwskd.selection import SelectionRecipe, initialize_from_teacher
+from experiments.common import (
+    REPO,
+    RESULTS_DIR,
+    invocation,
+    machine_info,
+    machine_lines,
+    now_iso,
+    set_offline_env,
+)
+
+VIT = {
+    "ViT-T": "vit_tiny_patch16_224",
+    "ViT-S": "vit_small_patch16_224",
+    "ViT-B": "vit_base_patch16_224",
+}
+NUM_CLASSES, IN_CHANS = 4, 1
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes and repeats; ``SMOKE`` shrinks everything so that a test can run it."""
+
+    img_size: int = 64
+    batch_size: int = 32
+    steps: int = 15
+    warmup: int = 3
+    repeats: int = 20
+    latency_sizes: tuple[int, ...] = (64, 224)
+    latency_batches: tuple[int, ...] = (1, 32)
+    selection_img_size: int = 224
+    loader_batches: int = 30
+    n_train: int = 1000
+
+
+SMOKE = BenchSettings(
+    img_size=32,
+    batch_size=8,
+    steps=2,
+    warmup=1,
+    repeats=2,
+    latency_sizes=(32,),
+    latency_batches=(1, 4),
+    selection_img_size=32,
+    loader_batches=2,
+    n_train=32,
+)
+
+
+@dataclass
+class Section:
+    """One table of the report: rows of (what, value, unit) and the ratios that matter."""
+
+    title: str
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+    ratios: list[tuple[str, float]] = field(default_factory=list)
+
+    def add(self, what: str, value: float, unit: str) -> float:
+        self.rows.append((what, value, unit))
+        return value
+
+
+# ---------------------------------------------------------------------------- helpers
+def vit(name: str, img_size: int, depth: int | None = None) -> nn.Module:
+    cfg = {"name": VIT[name], "family": "vit", "depth": depth}
+    return create_model(cfg, num_classes=NUM_CLASSES, in_chans=IN_CHANS, img_size=img_size)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def tensor_loader(s: BenchSettings) -> DataLoader:
+    """Random images in memory: the same batches for the framework and the plain loop."""
+    n = s.batch_size * (s.steps + s.warmup + 1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, IN_CHANS, s.img_size, s.img_size, generator=generator)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=s.batch_size, shuffle=True, drop_last=True)
+
+
+def compose(*overrides: str) -> Any:
+    """The project's real config, so that the bench measures what runs use."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+# ---------------------------------------------------------------------- training steps
+class StepTimer(L.Callback):
+    """Start-to-start times of training batches (the last one ends with the epoch)."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def intervals(starts: Sequence[float], warmup: int) -> list[float]:
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)][warmup:]
+
+
+def framework_step(
+    s: BenchSettings, students: list[nn.Module], distill_cfg: dict, teacher: nn.Module | None = None
+) -> float:
+    """Median seconds per step of DistillModule under lightning.Trainer (CSV logger on)."""
+    cfg = compose()
+    module = DistillModule(
+        students,
+        num_classes=NUM_CLASSES,
+        class_names=[str(i) for i in range(NUM_CLASSES)],
+        distill_cfg=distill_cfg,
+        optimizer=instantiate(cfg.optimizer),
+        lr=1e-3,
+        teacher=teacher,
+    )
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            limit_train_batches=s.steps + s.warmup,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+            log_every_n_steps=cfg.trainer.log_every_n_steps,
+            logger=CSVLogger(tmp),
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, train_dataloaders=tensor_loader(s))
+    return statistics.median(intervals(timer.starts, s.warmup))
+
+
+def plain_step(s: BenchSettings, model: nn.Module) -> float:
+    """Median seconds per step of the loop one would write by hand (same work per step)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model.train()
+    starts = []
+    for _, (x, y) in zip(range(s.steps + s.warmup), tensor_loader(s), strict=False):
+        starts.append(time.perf_counter())
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    starts.append(time.perf_counter())
+    return statistics.median(intervals(starts, s.warmup))
+
+
+def training_section(s: BenchSettings) -> tuple[Section, dict[str, float]]:
+    """Framework vs plain loop, dual SKD and KD vs single student; returns img/s too."""
+    cfg = compose()
+    ce, skd = plain_ce(cfg), OmegaConf.to_container(cfg.method.distill, resolve=True)
+    kd = dict(ce, gamma=1.0)
+    sec = Section(f"Training step: ViT-T, batch {s.batch_size}, {s.img_size} px, CPU")
+    torch.manual_seed(0)
+    plain = sec.add(
+        "plain PyTorch loop (CE, AdamW, clip)", plain_step(s, vit("ViT-T", s.img_size)), "s/step"
+    )
+    single = sec.add(
+        "framework, one student (CE)", framework_step(s, [vit("ViT-T", s.img_size)], ce), "s/step"
+    )
+    pair = [vit("ViT-T", s.img_size), vit("ViT-T", s.img_size)]
+    dual = sec.add(
+        "framework, dual-model SKD (2 students + 2 EMA)", framework_step(s, pair, skd), "s/step"
+    )
+    teacher = vit("ViT-S", s.img_size)
+    kd_step = sec.add(
+        "framework, KD from frozen ViT-S",
+        framework_step(s, [vit("ViT-T", s.img_size)], kd, teacher),
+        "s/step",
+    )
+    sec.ratios += [
+        ("framework / plain loop (one student)", single / plain),
+        ("dual-model SKD / single student", dual / single),
+        ("KD (frozen ViT-S) / single student", kd_step / single),
+    ]
+    return sec, {"one student": s.batch_size / single, "dual-model SKD": s.batch_size / dual}
+
+
+# ---------------------------------------------------------------- latency and selection
+def latency_section(s: BenchSettings) -> Section:
+    """Batch-1 and batched CPU inference: dwskd.models.measure_latency_ms (median)."""
+    sec = Section("Inference latency (CPU, eval mode, no grad): student vs teachers")
+    for size in s.latency_sizes:
+        for batch in s.latency_batches:
+            repeats = s.repeats if batch == 1 else max(3, s.repeats // 4)
+            ms = {}
+            for name in VIT:
+                model = vit(name, size)
+                ms[name] = measure_latency_ms(
+                    model, in_chans=IN_CHANS, img_size=size, batch_size=batch, repeats=repeats
+                )
+                sec.add(f"{name}, {size} px, batch {batch}", ms[name], "ms")
+            sec.ratios += [
+                (f"ViT-S / ViT-T, {size} px, batch {batch}", ms["ViT-S"] / ms["ViT-T"]),
+                (f"ViT-B / ViT-T, {size} px, batch {batch}", ms["ViT-B"] / ms["ViT-T"]),
+            ]
+    return sec
+
+
+def selection_section(s: BenchSettings) -> Section:
+    size = s.selection_img_size
+    sec = Section(f"Weight selection into a 12-block ViT-T ({size} px), median of {s.repeats}")
+    student = vit("ViT-T", size)
+    recipe = SelectionRecipe(layers="uniform", elements="uniform", offset=1)
+    for name in ("ViT-S", "ViT-B"):
+        select = functools.partial(initialize_from_teacher, student, vit(name, size), recipe)
+        seconds = median_time(select, s.repeats)
+        sec.add(f"{name} -> ViT-T", seconds * 1000, "ms")
+    return sec
+
+
+# --------------------------------------------------------------------------- data
+def loader_throughput(datamodule: Any, batches: int) -> float:
+    """Images per second out of the train loader (augmentation included), after one batch."""
+    loader = iter(datamodule.train_dataloader())
+    next(loader)
+    count, start = 0, time.perf_counter()
+    for _, (x, _y) in zip(range(batches), loader, strict=False):
+        count += x.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def data_module(s: BenchSettings, *overrides: str) -> tuple[Any, float]:
+    """The configured datamodule, set up; returns it with its setup (decode/generate) seconds."""
+    cfg = compose(f"data.img_size={s.img_size}", f"data.batch_size={s.batch_size}", *overrides)
+    datamodule = instantiate(cfg.data)
+    start = time.perf_counter()
+    datamodule.setup("fit")
+    return datamodule, time.perf_counter() - start
+
+
+def data_section(s: BenchSettings, train_rate: dict[str, float]) -> Section:
+    sec = Section(f"Data pipeline vs training, {s.img_size} px, batch {s.batch_size}")
+    sources = [("synthetic", ["data=synthetic", f"data.n_train={s.n_train}"])]
+    real = Path(os.environ.get("DWSKD_DATA_DIR", REPO.parent / "shared" / "data"))
+    if (real / "lung_ct_covid").is_dir():
+        sources.append(("lung_ct (real)", ["data=lung_ct", f"paths.data_dir={real}"]))
+    for label, overrides in sources:
+        datamodule, setup_s = data_module(s, *overrides)
+        sec.add(f"{label}: setup (generate / decode + cache)", setup_s, "s")
+        rate = sec.add(
+            f"{label}: train loader", loader_throughput(datamodule, s.loader_batches), "img/s"
+        )
+        for name, trained in train_rate.items():
+            sec.ratios.append((f"{label} loader / training ({name})", rate / trained))
+    for name, trained in train_rate.items():
+        sec.add(f"training, {name} (framework)", trained, "img/s")
+    return sec
+
+
+# ---------------------------------------------------------------------------- report
+def markdown(sections: Sequence[Section], s: BenchSettings, command: str, seconds: float) -> str:
+    lines = ["# dwskd benchmark: what the framework costs", ""]
+    lines += [f"- command: `{command}` (from the repository root)", f"- date: {now_iso()}"]
+    lines += machine_lines(machine_info())
+    lines += [
+        f"- settings: {s}; whole bench took {seconds / 60:.1f} min",
+        "- every figure is a median; steps are timed start-to-start after warm-up steps",
+    ]
+    for sec in sections:
+        lines += ["", f"## {sec.title}", "", "| what | value | unit |", "|---|---|---|"]
+        lines += [f"| {what} | {value:.4g} | {unit} |" for what, value, unit in sec.rows]
+        if sec.ratios:
+            lines += ["", "| ratio | × |", "|---|---|"]
+            lines += [f"| {what} | {value:.2f} |" for what, value in sec.ratios]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(s: BenchSettings) -> list[Section]:
+    training, rates = training_section(s)
+    return [training, latency_section(s), selection_section(s), data_section(s, rates)]
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    set_offline_env()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
+    p.add_argument("--out", type=Path, help="default experiments/results/bench[_smoke].md")
+    args = p.parse_args(argv)
+    settings = SMOKE if args.smoke else BenchSettings()
+    start = time.perf_counter()
+    sections = run_bench(settings)
+    command = invocation("experiments.bench", list(argv) if argv is not None else None)
+    text = markdown(sections, settings, command, time.perf_counter() - start)
+    out = args.out or RESULTS_DIR / ("bench_smoke.md" if args.smoke else "bench.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""The comparison table: methods x datasets x seeds x teacher scenarios, then aggregated.
+
+    python -m experiments.paper                  # full: 3 datasets x 6 methods x 3 seeds, 64 px
+    python -m experiments.paper --quick          # lung_ct, one seed, tiny epochs: minutes
+    python -m experiments.paper --device gpu --img-size 224   # the same table on a GPU
+
+Every job is one ``python -m dwskd.run`` process with ``hydra.run.dir`` set to
+``<out>/<scenario>/<dataset>/<method>/s<seed>``; a job whose ``metrics.json`` exists is
+skipped, and an interrupted one resumes from its own stage files, so re-running the same
+command continues a sweep. Teachers are trained once per dataset and seed and then shared
+by every method (``teacher.source=file``, ``method.epochs.teacher=0``):
+
+* ``in_domain`` - the ViT-S teacher is the ``method=teacher`` run on the task's own train split;
+* ``transfer``  - the teacher is the in-domain teacher of another modality (``TRANSFER_SOURCE``),
+  loaded with its classifier head re-initialised and fine-tuned ``--transfer-epochs`` on the
+  target; that run is the transfer teacher row and the teacher of ws, kd and dwskd.
+
+scratch and dml never use a teacher, so they run once (under ``in_domain``) and serve both
+tables. Model selection inside every run uses validation data only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from experiments import aggregate
+from experiments.common import (
+    METHODS,
+    OFFLINE_ENV,
+    REPO,
+    RESULTS_DIR,
+    TEACHER_FREE,
+    invocation,
+    machine_info,
+    now_iso,
+    set_offline_env,
+    show_progress,
+)
+
+log = logging.getLogger("experiments.paper")
+
+DATASETS = ("chest_xray", "lung_ct", "brain_mri")
+SCENARIOS = ("in_domain", "transfer")
+# Source of each target's transfer teacher. Chosen so that the label spaces differ (2 vs 4
+# classes): timm's loader then drops the source head and the target head starts from scratch.
+TRANSFER_SOURCE = {"chest_xray": "brain_mri", "lung_ct": "brain_mri", "brain_mri": "chest_xray"}
+TEACHER_WEIGHTS = Path("stages/teacher/teacher.safetensors")
+FORBIDDEN_OVERRIDES = ("trainer.max_epochs", "hydra.run.dir", "method.epochs")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Identical for every method: image size, batch, and passes over the train split.
+
+    A student sees the train split ``student_epochs`` times whatever the method (dml and
+    dwskd: ``student_epochs - finetune_epochs`` of joint training, then ``finetune_epochs``).
+    """
+
+    img_size: int = 64
+    batch_size: int = 32
+    teacher_epochs: int = 5
+    student_epochs: int = 4
+    finetune_epochs: int = 1
+    transfer_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.finetune_epochs < self.student_epochs:
+            raise ValueError(
+                f"--finetune-epochs={self.finetune_epochs} must be between 1 and "
+                f"--student-epochs - 1 ({self.student_epochs - 1}): dml/dwskd need both stages."
+            )
+
+
+FULL = Budget()
+QUICK = Budget(teacher_epochs=2, student_epochs=2, finetune_epochs=1, transfer_epochs=1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines the sweep; the plan is a pure function of it."""
+
+    name: str
+    datasets: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    scenarios: tuple[str, ...]
+    budget: Budget
+    device: str
+    out: Path
+    transfer_source: dict[str, str]
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``dwskd.run`` process; ``teacher_file`` must exist before it can start."""
+
+    scenario: str
+    dataset: str
+    method: str
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+    teacher_file: Path | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "metrics.json").is_file()
+
+    def argv(self) -> list[str]:
+        return [*self.overrides, f"hydra.run.dir={self.run_dir}"]
+
+    def command(self) -> str:
+        return " ".join(["python -m dwskd.run", *self.argv()])
+
+
+# ---------------------------------------------------------------------------- the plan
+def run_dir(out: Path, scenario: str, dataset: str, method: str, seed: int) -> Path:
+    return out / scenario / dataset / method / f"s{seed}"
+
+
+def device_overrides(device: str) -> list[str]:
+    """CPU: the default trainer. GPU: mixed precision and loader workers to keep it fed."""
+    if device == "gpu":
+        return ["trainer=gpu", "data.num_workers=4"]
+    return ["trainer=cpu"]
+
+
+def epoch_overrides(method: str, budget: Budget) -> list[str]:
+    """Per-stage epochs (never trainer.max_epochs: it would retrain the shared teacher)."""
+    if method == "teacher":
+        return []  # set by teacher_overrides: in-domain and transfer teachers differ
+    if method in ("dml", "dwskd"):
+        train = budget.student_epochs - budget.finetune_epochs
+        return [f"method.epochs.train={train}", f"method.epochs.finetune={budget.finetune_epochs}"]
+    return [f"method.epochs.train={budget.student_epochs}", "method.epochs.finetune=0"]
+
+
+def teacher_job_dir(settings: Settings, scenario: str, dataset: str, seed: int) -> Path:
+    return run_dir(settings.out, scenario, dataset, "teacher", seed)
+
+
+def source_dataset(settings: Settings, dataset: str) -> str:
+    if dataset not in settings.transfer_source:
+        raise ValueError(
+            f"No transfer source for data={dataset}: add --transfer-source {dataset}=<dataset>."
+        )
+    return settings.transfer_source[dataset]
+
+
+def teacher_overrides(
+    settings: Settings, scenario: str, dataset: str, method: str, seed: int
+) -> tuple[list[str], Path | None]:
+    """Where this job's teacher comes from, and the weights file it waits for."""
+    budget = settings.budget
+    if method in TEACHER_FREE:
+        return [], None
+    if method == "teacher" and scenario == "in_domain":
+        return ["teacher.source=fit", f"method.epochs.teacher={budget.teacher_epochs}"], None
+    if method == "teacher":  # transfer: another modality's teacher, re-headed and fine-tuned
+        source_dir = teacher_job_dir(settings, "in_domain", source_dataset(settings, dataset), seed)
+        epochs = budget.transfer_epochs
+    else:  # a student: the scenario's shared teacher, not trained again
+        source_dir, epochs = teacher_job_dir(settings, scenario, dataset, seed), 0
+    weights = source_dir / TEACHER_WEIGHTS
+    overrides = [
+        "teacher.source=file",
+        f"teacher.file={weights}",
+        f"method.epochs.teacher={epochs}",
+    ]
+    return overrides, weights
+
+
+def make_job(settings: Settings, scenario: str, dataset: str, method: str, seed: int) -> Job:
+    budget = settings.budget
+    teacher, weights = teacher_overrides(settings, scenario, dataset, method, seed)
+    overrides = [
+        "experiment=paper",
+        f"data={dataset}",
+        f"method={method}",
+        f"seed={seed}",
+        f"data.img_size={budget.img_size}",
+        f"data.batch_size={budget.batch_size}",
+        *device_overrides(settings.device),
+        *epoch_overrides(method, budget),
+        *teacher,
+        *settings.extra,
+    ]
+    directory = run_dir(settings.out, scenario, dataset, method, seed)
+    return Job(scenario, dataset, method, seed, directory, tuple(overrides), weights)
+
+
+def job_phase(job: Job) -> int:
+    """In-domain teachers first, transfer teachers (which load them) next, students last."""
+    if job.method != "teacher":
+        return 2
+    return 0 if job.scenario == "in_domain" else 1
+
+
+def plan_jobs(settings: Settings) -> list[Job]:
+    """Every job the table needs, teachers that others depend on included, in a runnable order."""
+    keys: set[tuple[str, str, str, int]] = set()
+    for seed in settings.seeds:
+        for dataset in settings.datasets:
+            for scenario in settings.scenarios:
+                for method in settings.methods:
+                    keys.add(
+                        ("in_domain" if method in TEACHER_FREE else scenario, dataset, method, seed)
+                    )
+                needs_teacher = scenario == "transfer" or set(settings.methods) - set(TEACHER_FREE)
+                if needs_teacher:
+                    keys.add((scenario, dataset, "teacher", seed))
+                if scenario == "transfer":
+                    keys.add(("in_domain", source_dataset(settings, dataset), "teacher", seed))
+    jobs = [make_job(settings, *key) for key in keys]
+    # Seed by seed, so that a long sweep has complete tables for its first seeds early.
+    return sorted(jobs, key=lambda j: (j.seed, job_phase(j), j.scenario, j.dataset, j.method))
+
+
+# ------------------------------------------------------------------------- running jobs
+def run_subprocess(job: Job) -> bool:
+    """One isolated ``dwskd.run`` process; its output goes to ``<run dir>.log``."""
+    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_file = job.run_dir.with_suffix(".log")
+    env = {
+        **OFFLINE_ENV,
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    with log_file.open("a") as stream:
+        result = subprocess.run(
+            [sys.executable, "-m", "dwskd.run", *job.argv()],
+            cwd=REPO,
+            env=env,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if result.returncode != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-15:]
+        log.error("job failed (exit %d): %s\n%s", result.returncode, job.command(), "\n".join(tail))
+    return result.returncode == 0
+
+
+def run_in_process(job: Job) -> bool:
+    """The same job inside this process: no ~10 s import per job (tests, tiny sweeps)."""
+    from hydra import compose, initialize_config_dir
+
+    from dwskd.pipeline import run_pipeline
+
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(job.overrides))
+        run_pipeline(cfg, job.run_dir, command=job.command())
+    except Exception:  # one failed job must not stop the sweep; it is reported at the end
+        log.exception("job failed: %s", job.command())
+        return False
+    return True
+
+
+RUNNERS: dict[str, Callable[[Job], bool]] = {
+    "subprocess": run_subprocess,
+    "inprocess": run_in_process,
+}
+
+
+def run_jobs(jobs: Sequence[Job], runner: Callable[[Job], bool]) -> list[Job]:
+    """Run what is not done yet, in order; returns the jobs that failed or could not start."""
+    failed = []
+    for number, job in enumerate(jobs, 1):
+        label = f"[{number}/{len(jobs)}] {job.scenario}/{job.dataset}/{job.method}/s{job.seed}"
+        if job.done:
+            log.info("%s: done earlier, skipped", label)
+            continue
+        if job.teacher_file is not None and not job.teacher_file.is_file():
+            log.error("%s: teacher %s is missing (its job failed?)", label, job.teacher_file)
+            failed.append(job)
+            continue
+        log.info("%s: %s", label, job.command())
+        if not runner(job):
+            failed.append(job)
+    return failed
+
+
+# ------------------------------------------------------------------------------ the CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="lung_ct, seed 1, tiny epochs (minutes)")
+    p.add_argument("--datasets", nargs="+", help=f"default {' '.join(DATASETS)}")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, help="default 1 2 3 (--quick: 1)")
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--img-size", type=int, help=f"default {FULL.img_size}")
+    p.add_argument("--teacher-epochs", type=int, help=budget_help("teacher_epochs"))
+    p.add_argument("--student-epochs", type=int, help=budget_help("student_epochs"))
+    p.add_argument("--finetune-epochs", type=int, help=budget_help("finetune_epochs"))
+    p.add_argument("--transfer-epochs", type=int, help=budget_help("transfer_epochs"))
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--transfer-source", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument("--name", help="results/<name>.{md,csv,png} and outputs/<name>/ (derived)")
+    p.add_argument("--out", type=Path, help="runs root (default outputs/<name>)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--launcher", choices=tuple(RUNNERS), default="subprocess")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    return p.parse_args(argv)
+
+
+def budget_help(field: str) -> str:
+    return f"default {getattr(FULL, field)} (--quick: {getattr(QUICK, field)})"
+
+
+def sweep_name(quick: bool, device: str, img_size: int) -> str:
+    """paper, paper_quick, paper_gpu224...: other budgets never overwrite the main table."""
+    name = "paper_quick" if quick else "paper"
+    return name if (device, img_size) == ("cpu", FULL.img_size) else f"{name}_{device}{img_size}"
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        if item.lstrip("+~").startswith(FORBIDDEN_OVERRIDES):
+            raise SystemExit(
+                f"override {item!r} is set by experiments.paper itself (shared teachers, equal "
+                "epochs, run directories): use --teacher-epochs/--student-epochs/--out instead."
+            )
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    base = QUICK if args.quick else FULL
+    names = ("img_size", "teacher_epochs", "student_epochs", "finetune_epochs", "transfer_epochs")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return replace(base, **given)
+
+
+def parse_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``chest_xray=lung_ct`` pairs; a Hydra override (it has a dot) is a misplaced argument."""
+    if any(pair.count("=") != 1 or "." in pair for pair in pairs):
+        raise SystemExit(
+            f"--transfer-source takes TARGET=SOURCE dataset pairs, got {list(pairs)}; "
+            "put Hydra overrides before the option flags."
+        )
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:
+    wrong = [n for n in names if "=" in n or "." in n]
+    if wrong:
+        raise SystemExit(
+            f"--datasets got {wrong}: these look like Hydra overrides; put them before the flags."
+        )
+    return tuple(names)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    check_overrides(args.overrides)
+    quick, budget = args.quick, budget_from_args(args)
+    name = args.name or sweep_name(quick, args.device, budget.img_size)
+    return Settings(
+        name=name,
+        datasets=check_dataset_names(args.datasets or (["lung_ct"] if quick else DATASETS)),
+        methods=tuple(args.methods),
+        seeds=tuple(args.seeds or ([1] if quick else [1, 2, 3])),
+        scenarios=tuple(args.scenarios),
+        budget=budget,
+        device=args.device,
+        out=(args.out or REPO / "outputs" / name).resolve(),
+        transfer_source={**TRANSFER_SOURCE, **parse_pairs(args.transfer_source)},
+        extra=tuple(args.overrides),
+    )
+
+
+def record_invocation(settings: Settings, command: str) -> dict:
+    """Append this invocation (command, budget, machine, date) to ``<out>/paper_meta.json``."""
+    path = settings.out / aggregate.META_FILE
+    meta = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    entry = asdict(settings)
+    entry.update(out=str(settings.out), command=command, date=now_iso(), machine=machine_info())
+    meta["invocations"].append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2, default=str))
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    show_progress(log)
+    set_offline_env()
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    jobs = plan_jobs(settings)
+    if args.dry_run:
+        print("\n".join(job.command() for job in jobs))
+        return 0
+    failed: list[Job] = []
+    if not args.aggregate_only:
+        record_invocation(
+            settings, invocation("experiments.paper", None if argv is None else list(argv))
+        )
+        failed = run_jobs(jobs, RUNNERS[args.launcher])
+    written = aggregate.write_results(settings.out, args.results_dir, settings.name)
+    log.info("results: %s", ", ".join(str(p) for p in written))
+    for job in failed:
+        log.error("FAILED: %s", job.command())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""experiments/: the paper sweep (plan, shared teachers, resume), its aggregation, the bench."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from experiments import aggregate, bench, paper
+from tests.conftest import TINY
+
+# The conftest's tiny run, minus trainer.max_epochs (paper.py sets per-stage epochs itself).
+SWEEP_TINY = [o for o in TINY if not o.startswith("trainer.max_epochs")]
+
+
+def quick_settings(tmp_path: Path, *argv: str) -> paper.Settings:
+    args = paper.parse_args(["--quick", "--out", str(tmp_path), *argv])
+    return paper.settings_from_args(args)
+
+
+def by_key(jobs: list[paper.Job]) -> dict[tuple[str, str, str, int], paper.Job]:
+    return {(j.scenario, j.dataset, j.method, j.seed): j for j in jobs}
+
+
+# ------------------------------------------------------------------------------- the plan
+def test_plan_shares_one_teacher_per_scenario_and_orders_teachers_first(tmp_path: Path) -> None:
+    jobs = paper.plan_jobs(quick_settings(tmp_path, "--seeds", "1", "2"))
+    keys = by_key(jobs)
+    # transfer on lung_ct needs the in-domain brain_mri teacher, even though brain_mri is not asked
+    assert ("in_domain", "brain_mri", "teacher", 1) in keys
+    assert ("in_domain", "brain_mri", "dwskd", 1) not in keys
+    # teacher-free methods run once, under in_domain
+    assert ("transfer", "lung_ct", "scratch", 1) not in keys
+    assert ("in_domain", "lung_ct", "dml", 2) in keys
+    for job in jobs:
+        position = jobs.index(job)
+        if job.teacher_file is not None:  # whoever made the teacher file runs earlier
+            maker = job.teacher_file.parents[2]
+            assert any(j.run_dir == maker for j in jobs[:position]), job.command()
+    dwskd = keys[("transfer", "lung_ct", "dwskd", 2)]
+    assert dwskd.teacher_file == tmp_path / "transfer/lung_ct/teacher/s2" / paper.TEACHER_WEIGHTS
+    assert "method.epochs.teacher=0" in dwskd.overrides
+    transfer_teacher = keys[("transfer", "lung_ct", "teacher", 2)]
+    assert transfer_teacher.teacher_file.parents[2] == tmp_path / "in_domain/brain_mri/teacher/s2"
+
+
+def test_every_student_gets_the_same_number_of_passes(tmp_path: Path) -> None:
+    settings = quick_settings(tmp_path, "--student-epochs", "5", "--finetune-epochs", "2")
+    for job in paper.plan_jobs(settings):
+        if job.method == "teacher":
+            continue
+        epochs = dict(o.split("=", 1) for o in job.overrides if o.startswith("method.epochs."))
+        passes = int(epochs["method.epochs.train"]) + int(epochs["method.epochs.finetune"])
+        assert passes == 5, job.command()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["trainer.max_epochs=1"],
+        ["hydra.run.dir=x"],
+        ["--finetune-epochs", "9"],
+        ["--datasets", "lung_ct", "data.img_size=32"],
+    ],
+)
+def test_options_that_would_break_the_comparison_are_refused(argv: list[str]) -> None:
+    with pytest.raises((SystemExit, ValueError)):
+        paper.settings_from_args(paper.parse_args(["--quick", *argv]))
+
+
+def test_a_failed_teacher_job_blocks_its_students_only(tmp_path: Path) -> None:
+    jobs = paper.plan_jobs(quick_settings(tmp_path, "--scenarios", "in_domain"))
+    ran = []
+
+    def runner(job: paper.Job) -> bool:
+        ran.append(job.method)
+        return job.method != "teacher"  # the teacher "fails": writes no weights
+
+    failed = paper.run_jobs(jobs, runner)
+    assert sorted(ran) == ["dml", "scratch", "teacher"]
+    assert sorted(j.method for j in failed) == ["dwskd", "kd", "teacher", "ws"]
+
+
+# --------------------------------------------------------------------- a real quick sweep
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list]:
+    root = tmp_path_factory.mktemp("paper")
+    argv = [
+        "--quick",
+        "--datasets",
+        "synthetic",
+        "--transfer-source",
+        "synthetic=synthetic",
+        "--out",
+        str(root / "runs"),
+        "--results-dir",
+        str(root / "results"),
+        "--launcher",
+        "inprocess",
+        "--img-size",
+        "32",
+        *SWEEP_TINY,
+    ]
+    assert paper.main(argv) == 0
+    return root / "runs", root / "results", argv
+
+
+def read_metrics(runs: Path, scenario: str, method: str) -> dict:
+    return json.loads((runs / scenario / "synthetic" / method / "s1" / "metrics.json").read_text())
+
+
+def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) -> None:
+    runs, _, _ = quick_sweep
+    for scenario in paper.SCENARIOS:
+        teacher_run = read_metrics(runs, scenario, "teacher")
+        for method in ("ws", "kd", "dwskd"):
+            run = read_metrics(runs, scenario, method)
+            stage = run["run"]["stages"]["teacher"]
+            assert stage == {"epochs": 0, "source": "file"}  # loaded, not retrained
+            assert run["models"]["teacher"]["test"]["auroc"] == pytest.approx(
+                teacher_run["models"]["teacher"]["test"]["auroc"]
+            )
+    transfer_teacher = read_metrics(runs, "transfer", "teacher")["run"]
+    assert transfer_teacher["stages"]["teacher"] == {"epochs": 1, "source": "file"}
+    assert "in_domain/synthetic/teacher/s1" in transfer_teacher["config"]["teacher"]["file"]
+    assert not (runs / "transfer" / "synthetic" / "scratch").exists()
+
+
+def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:
+    runs, results, _ = quick_sweep
+    text = (results / "paper_quick_cpu32.md").read_text()
+    assert "python -m experiments.paper --quick" in text and "CPU cores" in text
+    assert "32 px" in text and "torch" in text
+    with (results / "paper_quick_cpu32.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    # 6 deployed rows in_domain + 4 in transfer, plus 3 extra rows per two-student run (3 runs)
+    assert len(rows) == 6 + 4 + 3 * 3
+    dwskd = next(r for r in rows if r["method"] == "dwskd" and r["model"] == "deployed")
+    deployed = read_metrics(runs, dwskd["scenario"], "dwskd")
+    name = deployed["deployed"]
+    assert float(dwskd["acc_mean"]) == pytest.approx(deployed["models"][name]["test"]["acc"])
+    assert math.isnan(float(dwskd["acc_std"]))  # one seed: no spread
+    assert (results / "paper_quick_cpu32.png").stat().st_size > 1000
+
+
+def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
+    runs, _, argv = quick_sweep
+    files = sorted(runs.glob("*/*/*/s1/metrics.json"))
+    before = [p.stat().st_mtime_ns for p in files]
+    assert paper.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in files] == before
+
+
+# ------------------------------------------------------------------- aggregation maths
+def fake_run(root: Path, scenario: str, method: str, seed: int, acc: float, models: dict) -> None:
+    entry = {
+        "test": {"acc": acc, "balanced_acc": acc, "f1_macro": acc, "auroc": None},
+        "params": 1000,
+        "flops": 10,
+        "latency_ms": 2.0 * seed,
+    }
+    results = {
+        "run": {"wall_time_s": 60.0},
+        "deployed": models["deployed"],
+        "models": {name: dict(entry) for name in models["names"]},
+    }
+    path = root / scenario / "toy" / method / f"s{seed}" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+
+
+def test_aggregate_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    two = {"deployed": "student_b", "names": ["student_a", "student_b", "ensemble", "teacher"]}
+    for seed, acc in zip((1, 2, 3), (0.6, 0.7, 0.8), strict=True):
+        fake_run(runs, "in_domain", "dwskd", seed, acc, two)
+    fake_run(
+        runs, "in_domain", "scratch", 1, 0.9, {"deployed": "student_a", "names": ["student_a"]}
+    )
+    paths = aggregate.write_results(runs, tmp_path / "out", "t")
+    records = aggregate.summarise(aggregate.collect_rows(runs))
+    dwskd = next(r for r in records if r["method"] == "dwskd" and r["model"] == "deployed")
+    assert dwskd["acc_mean"] == pytest.approx(0.7)
+    assert dwskd["acc_std"] == pytest.approx(0.1)  # sample std (ddof=1)
+    assert dwskd["latency_ms_mean"] == pytest.approx(4.0)
+    assert math.isnan(dwskd["auroc_mean"]) and dwskd["deployed"] == "student_b x3"
+    assert {r["model"] for r in records if r["method"] == "dwskd"} == {
+        "deployed",
+        "student_a",
+        "student_b",
+        "ensemble",
+    }
+    text = paths[0].read_text()
+    assert "| dwskd | deployed (student_b x3) | 3 | 70.0 ± 10.0 |" in text
+    assert "| scratch | deployed (student_a x1) | 1 | 90.0 |" in text
+    assert "dwskd does not beat the best baseline (scratch): -20.0" in text
+
+
+def test_aggregate_without_runs_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="No runs"):
+        aggregate.write_results(tmp_path, tmp_path / "out", "t")
+
+
+# ----------------------------------------------------------------------------- bench
+def test_bench_smoke_measures_every_ratio(tmp_path: Path) -> None:
+    out = bench.main(["--smoke", "--out", str(tmp_path / "bench.md")])
+    text = out.read_text()
+    for ratio in (
+        "framework / plain loop",
+        "dual-model SKD / single student",
+        "ViT-B / ViT-T, 32 px, batch 1",
+        "ViT-B -> ViT-T",
+        "synthetic loader / training (one student)",
+    ):
+        assert ratio in text
+    assert "python -m experiments.bench --smoke" in text
