@@ -132,7 +132,9 @@ class DistillModule(L.LightningModule):
             self._add_teacher_kd(terms, logits, views)
         total = sum(t["total"] for t in terms)
         log = {
-            f"train/{n}/{k}": v.detach() for n, t in zip(self.names, terms, strict=True) for k, v in t.items()
+            f"train/{n}/{k}": v.detach()
+            for n, t in zip(self.names, terms, strict=True)
+            for k, v in t.items()
         }
         log["train/loss"] = total.detach()
         self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=y.shape[0])

@@ -126,7 +126,12 @@ def teacher_stage(run: Run) -> nn.Module:
     if epochs > 0:
         run.fit(stage, run.module([teacher], stage, distill_cfg=plain_ce(cfg)), epochs)
     training.save_weights(teacher, weights)
-    run.records[stage] = {"epochs": epochs, "source": cfg.teacher.source}
+    run.records[stage] = {
+        "epochs": epochs,
+        "source": cfg.teacher.source,
+        "file": cfg.teacher.get("file"),
+        "head": cfg.teacher.get("head", "auto"),
+    }
     training.write_done(run.out_dir, stage, run.records[stage])
     return teacher
 
@@ -142,6 +147,8 @@ def initial_teacher(run: Run) -> nn.Module:
         models.load_weights_file(teacher, tcfg.file)
     elif tcfg.source == "random":
         log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
+    if tcfg.get("head", "auto") == "reinit":
+        teacher.reset_classifier(run.shape["num_classes"])  # fresh head even for equal label counts
     return teacher
 
 

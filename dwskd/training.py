@@ -63,7 +63,10 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str) -> Any:
     target = str(cfg.logger._target_)
     if target.endswith("WandbLogger"):
         logger = instantiate(
-            cfg.logger, save_dir=str(out_dir), name=f"{cfg.logger.name}-{stage}", job_type=stage,
+            cfg.logger,
+            save_dir=str(out_dir),
+            name=f"{cfg.logger.name}-{stage}",
+            job_type=stage,
             group=cfg.logger.get("group") or wandb_group(cfg),
         )
     else:

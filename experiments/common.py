@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
+
+from dwskd.machine import machine_info, now_iso  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "experiments" / "results"
@@ -27,26 +27,6 @@ def invocation(module: str, argv: list[str] | None = None) -> str:
     """The command line that reproduces this run, e.g. ``python -m experiments.paper --quick``."""
     args = sys.argv[1:] if argv is None else argv
     return shlex.join(["python", "-m", module, *args])
-
-
-def machine_info() -> dict[str, str | int | None]:
-    """Platform, cores, torch version and GPU: the facts a reader needs to compare timings."""
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gpu": gpu,
-    }
-
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def machine_lines(machine: dict) -> list[str]:

@@ -16,8 +16,17 @@ from tests.conftest import REPO, TINY, compose_config
 
 def test_multirun_of_two_jobs_writes_two_reports(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
-    cmd = [sys.executable, "-m", "dwskd.run", "-m", "method=scratch", "seed=1,2",
-           "eval.latency=false", f"paths.output_root={tmp_path}", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dwskd.run",
+        "-m",
+        "method=scratch",
+        "seed=1,2",
+        "eval.latency=false",
+        f"paths.output_root={tmp_path}",
+        *TINY,
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = sorted(tmp_path.glob("multirun/*/*/metrics.json"))
@@ -32,8 +41,11 @@ def test_slurm_launcher_and_sweep_presets_compose() -> None:
     from tests.conftest import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", "experiment=sweep_methods"])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=["hydra/launcher=slurm", "experiment=sweep_methods"],
+        )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.sweeper.params.method == "scratch,ws,kd,dml,dwskd,teacher"
 
@@ -42,10 +54,18 @@ def test_slurm_launcher_and_sweep_presets_compose() -> None:
 @pytest.mark.parametrize("data", ["chest_xray", "lung_ct", "brain_mri", "pneumoniamnist"])
 def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Path) -> None:
     cfg = compose_config(
-        f"data={data}", "method=scratch", f"paths.data_dir={real_data_dir}", "data.img_size=32",
-        "model.depth=2", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=3", "eval.latency=false",
-        "trainer.enable_progress_bar=false", tiny=False,
+        f"data={data}",
+        "method=scratch",
+        f"paths.data_dir={real_data_dir}",
+        "data.img_size=32",
+        "model.depth=2",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=3",
+        "eval.latency=false",
+        "trainer.enable_progress_bar=false",
+        tiny=False,
     )
     results = run_pipeline(cfg, tmp_path)
     test = results["models"]["student_a"]["test"]

@@ -38,7 +38,9 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
         assert 0.0 <= saved[name]["test"]["acc"] <= 1.0
         assert saved[name]["params"] > 0
     assert saved["teacher"]["params"] > saved["student_a"]["params"]
-    assert saved["ensemble"]["params"] == saved["student_a"]["params"] + saved["student_b"]["params"]
+    assert (
+        saved["ensemble"]["params"] == saved["student_a"]["params"] + saved["student_b"]["params"]
+    )
     assert saved["deployed"] in ("student_a", "student_b")
     assert (out / "report.md").read_text().count("student_a") >= 1
     plots = {p.name for p in (out / "plots").glob("*.png")}
@@ -79,15 +81,20 @@ def test_rerun_in_same_directory_skips_finished_stages(dwskd_run: tuple[Path, di
     again = run_pipeline(compose_config("teacher.source=fit"), out)
     after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.ckpt")}
     assert before == after, "a finished stage was trained again"
-    assert again["models"]["student_a"]["test"]["acc"] == results["models"]["student_a"]["test"]["acc"]
+    assert (
+        again["models"]["student_a"]["test"]["acc"] == results["models"]["student_a"]["test"]["acc"]
+    )
 
 
 @pytest.mark.parametrize("method", ["scratch", "ws", "kd", "dml", "teacher"])
 def test_every_method_runs(method: str, tmp_path: Path) -> None:
     results = run_pipeline(compose_config(f"method={method}", "eval.latency=false"), tmp_path)
     expected = {
-        "scratch": {"student_a"}, "ws": {"student_a", "teacher"}, "kd": {"student_a", "teacher"},
-        "dml": {"student_a", "student_b", "ensemble"}, "teacher": {"teacher"},
+        "scratch": {"student_a"},
+        "ws": {"student_a", "teacher"},
+        "kd": {"student_a", "teacher"},
+        "dml": {"student_a", "student_b", "ensemble"},
+        "teacher": {"teacher"},
     }[method]
     assert set(results["models"]) == expected
     if method == "kd":
@@ -106,8 +113,9 @@ def test_ckpt_path_resumes_training(tmp_path: Path) -> None:
     run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path / "first")
     last = tmp_path / "first" / "stages" / "train" / "checkpoints" / "last.ckpt"
     run_pipeline(
-        compose_config("method=scratch", "eval.latency=false", "trainer.max_epochs=2",
-                       f"ckpt_path={last}"),
+        compose_config(
+            "method=scratch", "eval.latency=false", "trainer.max_epochs=2", f"ckpt_path={last}"
+        ),
         tmp_path / "resumed",
     )
     rows = read_metrics_csv(tmp_path / "resumed" / "logs" / "train" / "metrics.csv")
@@ -173,7 +181,9 @@ def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
     )
     results = run_pipeline(cfg, tmp_path)
     assert {"student_a", "student_b", "ensemble", "teacher"} <= set(results["models"])
-    ckpt = torch.load(tmp_path / "stages" / "train" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(
+        tmp_path / "stages" / "train" / "checkpoints" / "last.ckpt", weights_only=False
+    )
     state = ckpt["state_dict"]
     from safetensors.torch import load_file
 
@@ -186,7 +196,9 @@ def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
 
 def test_label_free_skd_trains_on_two_views_without_ce(tmp_path: Path) -> None:
     cfg = compose_config(
-        "method.distill.labels=false", "data.views=2", "teacher.source=random",
+        "method.distill.labels=false",
+        "data.views=2",
+        "teacher.source=random",
         "eval.latency=false",
     )
     run_pipeline(cfg, tmp_path)
@@ -208,3 +220,23 @@ def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) ->
     run_pipeline(cfg, tmp_path / "run")
     runs = list((tmp_path / "run").rglob("offline-run-*"))
     assert runs, "no offline W&B run was written"
+
+
+@pytest.mark.parametrize("head", ["auto", "reinit"])
+def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from dwskd.models import create_model
+    from dwskd.pipeline import Run, initial_teacher
+
+    cfg = compose_config("teacher.source=file", f"teacher.head={head}")
+    shape = {"num_classes": 4, "in_chans": 1, "img_size": 32}
+    source = create_model(cfg.teacher, **shape)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    cfg.teacher.file = str(path)
+    teacher = initial_teacher(Run(cfg=cfg, out_dir=tmp_path, datamodule=None, shape=shape))
+    same_body = torch.equal(teacher.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+    same_head = torch.equal(teacher.head.weight, source.head.weight)
+    assert same_body
+    assert same_head == (head == "auto")
