@@ -331,5 +331,6 @@ def run_pipeline(cfg: DictConfig, out_dir: Path, command: str | None = None) -> 
     csv = out_dir / "logs" / "train" / "metrics.csv"
     if not csv.exists():
         csv = out_dir / "logs" / "teacher" / "metrics.csv"
-    write_run_report(out_dir, results, predictions, csv if csv.exists() else None)
+    paths = write_run_report(out_dir, results, predictions, csv if csv.exists() else None)
+    training.log_report(cfg, out_dir, results, paths)
     return results

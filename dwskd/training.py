@@ -85,6 +85,26 @@ def wandb_group(cfg: DictConfig) -> str:
     return f"{cfg.data.name}-{cfg.method.name}"
 
 
+def log_report(cfg: DictConfig, out_dir: Path, results: dict, paths: Mapping[str, Path]) -> None:
+    """Send the test metrics and the report's plots to the logger as one more "test" run."""
+    logger = make_logger(cfg, out_dir, "test")
+    if not logger:
+        return
+    flat = {
+        f"test/{name}/{key}": value
+        for name, entry in results["models"].items()
+        for key, value in entry["test"].items()
+        if isinstance(value, int | float)
+    }
+    logger.log_metrics(flat)
+    if hasattr(logger, "log_image"):
+        for key, path in paths.items():
+            if str(path).endswith(".png"):
+                logger.log_image(key=f"plots/{key}", images=[str(path)])
+    logger.finalize("success")
+    finish_loggers()
+
+
 def finish_loggers() -> None:
     """Close a W&B run even after a crash, so the next job of a multirun starts cleanly."""
     wandb = sys.modules.get("wandb")

@@ -219,7 +219,9 @@ def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) ->
     cfg = compose_config("method=scratch", "logger=wandb", "eval.latency=false")
     run_pipeline(cfg, tmp_path / "run")
     runs = list((tmp_path / "run").rglob("offline-run-*"))
-    assert runs, "no offline W&B run was written"
+    assert len(runs) == 2, "expected one W&B run for the train stage and one for the test report"
+    media = list((tmp_path / "run").rglob("media/images/plots/*.png"))
+    assert any("confmat_student_a" in p.name for p in media), media
 
 
 @pytest.mark.parametrize("head", ["auto", "reinit"])
