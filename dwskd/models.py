@@ -27,10 +27,10 @@ class ModelConfigError(ValueError):
     """A model/teacher option or weights file that cannot work; the message says how to fix it."""
 
 
-def create_model(
+def timm_kwargs(
     cfg: Mapping[str, Any], *, num_classes: int, in_chans: int, img_size: int
-) -> nn.Module:
-    """Create a randomly initialised timm model from a ``model/`` or ``teacher/`` config group."""
+) -> dict[str, Any]:
+    """``timm.create_model`` arguments of a ``model/`` or ``teacher/`` config, shaped by the data."""
     kwargs: dict[str, Any] = dict(cfg.get("kwargs") or {})
     kwargs.update(num_classes=num_classes, in_chans=in_chans)
     if cfg.get("family") in _FAMILIES_WITH_IMG_SIZE:
@@ -42,6 +42,14 @@ def create_model(
                 f"'{cfg['name']}' is {cfg.get('family')}. Use a smaller timm variant instead."
             )
         kwargs["depth"] = int(cfg["depth"])
+    return kwargs
+
+
+def create_model(
+    cfg: Mapping[str, Any], *, num_classes: int, in_chans: int, img_size: int
+) -> nn.Module:
+    """Create a randomly initialised timm model from a ``model/`` or ``teacher/`` config group."""
+    kwargs = timm_kwargs(cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     try:
         return timm.create_model(cfg["name"], pretrained=False, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
@@ -53,10 +61,7 @@ def create_hub_model(
 ) -> nn.Module:
     """Create a timm model with hub weights ``name.tag``; offline this fails with advice."""
     name = f"{cfg['name']}.{cfg['tag']}" if cfg.get("tag") else cfg["name"]
-    kwargs: dict[str, Any] = dict(cfg.get("kwargs") or {}, num_classes=num_classes)
-    kwargs["in_chans"] = in_chans
-    if cfg.get("family") in _FAMILIES_WITH_IMG_SIZE:
-        kwargs["img_size"] = img_size
+    kwargs = timm_kwargs(cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # network / hub errors come in many types

@@ -153,7 +153,7 @@ class DistillModule(L.LightningModule):
             return
         momentum = distill.ema_momentum(
             self.global_step,
-            max(int(self.trainer.estimated_stepping_batches), 1),
+            self.total_steps,
             self.cfg["ema_momentum"],
             self.cfg.get("ema_final"),
             self.cfg.get("ema_schedule", "constant"),
@@ -207,9 +207,10 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.students.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params, lr=self.lr)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(total * self.warmup_fraction)
-        schedule = warmup_cosine(total, warmup, self.min_lr_ratio)
+        # Stored once: the LR schedule and the EMA momentum schedule share the step count.
+        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.total_steps * self.warmup_fraction)
+        schedule = warmup_cosine(self.total_steps, warmup, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,

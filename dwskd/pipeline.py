@@ -115,13 +115,14 @@ def new_student(run: Run) -> nn.Module:
 def teacher_stage(run: Run) -> nn.Module:
     """Load (hub/file) or create the teacher, then train it on the task for epochs.teacher."""
     cfg, stage = run.cfg, "teacher"
-    teacher = initial_teacher(run)
     weights = training.stage_dir(run.out_dir, stage) / "teacher.safetensors"
     done = training.read_done(run.out_dir, stage)
     if done:
+        # The stage's own export holds the trained weights: no second hub download or file read.
         log.info("stage teacher: finished earlier, loading %s", weights)
         run.records[stage] = done
-        return training.load_weights(teacher, weights)
+        return training.load_weights(models.create_model(cfg.teacher, **run.shape), weights)
+    teacher = initial_teacher(run)
     epochs = 0 if cfg.teacher.source == "random" else training.stage_epochs(cfg, stage)
     if epochs > 0:
         run.fit(stage, run.module([teacher], stage, distill_cfg=plain_ce(cfg)), epochs)
@@ -319,7 +320,7 @@ def run_pipeline(cfg: DictConfig, out_dir: Path, command: str | None = None) -> 
         val_acc = train_stage(run, students, teacher)
         deployed = deployed_name(cfg, val_acc)
         finetune_stage(run, students[REPORT_NAMES.index(deployed)])
-    if not rank_zero_only.rank == 0:
+    if rank_zero_only.rank != 0:
         return {}
     entries, predictions = test_stage(run, students, teacher)
     results = {

@@ -26,6 +26,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"
+# The trainer settings that still apply to a one-process evaluation (no devices/strategy/DDP).
+_EVAL_TRAINER_KEYS = (
+    "accelerator",
+    "precision",
+    "limit_val_batches",
+    "limit_test_batches",
+    "deterministic",
+)
 
 
 def stage_dir(out_dir: Path, stage: str) -> Path:
@@ -112,13 +120,10 @@ def finish_loggers() -> None:
         wandb.finish()
 
 
-def trainer_kwargs(cfg: DictConfig, *, single_device: bool = False) -> dict[str, Any]:
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("max_epochs", None)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if single_device:
-        kwargs.update(devices=1, strategy="auto", num_nodes=1)
-        kwargs.pop("sync_batchnorm", None)
     return kwargs
 
 
@@ -197,18 +202,7 @@ def evaluate(cfg: DictConfig, module: L.LightningModule, datamodule: Any, split:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=None,
-        **{
-            k: v
-            for k, v in trainer_kwargs(cfg, single_device=True).items()
-            if k
-            in (
-                "accelerator",
-                "precision",
-                "limit_val_batches",
-                "limit_test_batches",
-                "deterministic",
-            )
-        },
+        **{k: v for k, v in trainer_kwargs(cfg).items() if k in _EVAL_TRAINER_KEYS},
     )
     run = trainer.validate if split == "val" else trainer.test
     run(module, datamodule=datamodule, verbose=False)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines, now_iso
+from dwskd.machine import now_iso
+from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines
 
 META_FILE = "paper_meta.json"
 QUALITY = ("acc", "balanced_acc", "f1_macro", "auroc")

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dwskd.machine import machine_info, now_iso
 from dwskd.models import create_model, measure_latency_ms
 from dwskd.module import DistillModule
 from dwskd.pipeline import plain_ce
@@ -46,9 +47,7 @@ from experiments.common import (
     REPO,
     RESULTS_DIR,
     invocation,
-    machine_info,
     machine_lines,
-    now_iso,
     set_offline_env,
 )
 

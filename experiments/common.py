@@ -8,8 +8,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from dwskd.machine import machine_info, now_iso  # noqa: F401  (re-exported)
-
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "experiments" / "results"
 METHODS = ("scratch", "ws", "kd", "dml", "dwskd", "teacher")  # table order

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from dwskd.machine import machine_info, now_iso
 from experiments import aggregate
 from experiments.common import (
     METHODS,
@@ -39,8 +40,6 @@ from experiments.common import (
     RESULTS_DIR,
     TEACHER_FREE,
     invocation,
-    machine_info,
-    now_iso,
     set_offline_env,
     show_progress,
 )
