@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export DWSKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-full lint format run select paper paper-quick bench clean
+.PHONY: help install test test-full lint format run select paper paper-quick investigate bench clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ paper: ## the full comparison table on real data (hours on 2 cores; resumes) -> 
 
 paper-quick: ## one dataset (lung_ct), one seed, tiny epochs (minutes)
 	$(PY) -m experiments.paper --quick $(ARGS)
+
+investigate: ## dwskd knob variants vs baselines on lung_ct, VALIDATION metrics (after make paper)
+	$(PY) -m experiments.investigate $(ARGS)
 
 bench: ## framework costs side by side -> experiments/results/bench.md
 	$(PY) -m experiments.bench $(ARGS)

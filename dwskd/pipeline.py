@@ -215,7 +215,11 @@ def finetune_stage(run: Run, student: nn.Module) -> None:
 
 # ------------------------------------------------------------------- test + report
 def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -> tuple[dict, dict]:
-    """Test every model (students, their ensemble, teacher) on the test split, with costs."""
+    """Evaluate every model (students, their ensemble, teacher) on val and test, with costs.
+
+    Validation metrics of the final weights go into metrics.json too, so that sweeps over
+    knobs can be compared and chosen on validation data without looking at test.
+    """
     entries: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
     groups = [("students", students), ("teacher", [teacher] if teacher is not None else [])]
@@ -223,10 +227,11 @@ def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -
         if not group_models:
             continue
         module = run.module(group_models, "finetune", distill_cfg=plain_ce(run.cfg))
+        val = training.evaluate(run.cfg, module, run.datamodule, "val")
         training.evaluate(run.cfg, module, run.datamodule, "test")
         for short, flat in module.test_flat.items():
             name = report_name(group, short)
-            entries[name] = {"test": flat}
+            entries[name] = {"val": strip_prefix(val, f"val/{short}/"), "test": flat}
             probs, targets = module.test_outputs[short]
             predictions[name] = (probs.numpy(), targets.numpy())
     for name, model in named_models(students, teacher).items():
@@ -234,9 +239,13 @@ def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -
     if "ensemble" in entries:
         members = [entries[n] for n in REPORT_NAMES[: len(students)]]
         entries["ensemble"].update(
-            {k: sum(m[k] for m in members) for k in members[0] if k != "test"}
+            {k: sum(m[k] for m in members) for k in members[0] if k not in ("val", "test")}
         )
     return entries, predictions
+
+
+def strip_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def report_name(group: str, short: str) -> str:

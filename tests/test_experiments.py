@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import aggregate, bench, paper
+from experiments import aggregate, bench, investigate, paper
 from tests.conftest import TINY
 
 # The conftest's tiny run, minus trainer.max_epochs (paper.py sets per-stage epochs itself).
@@ -158,6 +158,79 @@ def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
     before = [p.stat().st_mtime_ns for p in files]
     assert paper.main(argv) == 0
     assert [p.stat().st_mtime_ns for p in files] == before
+
+
+# ------------------------------------------------------------------ the investigation
+def investigate_plan(tmp_path: Path, *argv: str) -> investigate.Plan:
+    base = ["--out", str(tmp_path), "--paper-root", str(tmp_path / "paper")]
+    return investigate.plan_from_args(investigate.parse_args([*base, *argv]))
+
+
+def test_investigation_plan_shares_the_papers_teacher_and_trains_the_long_one_first(
+    tmp_path: Path,
+) -> None:
+    variants = ["dwskd", "dwskd_long_teacher", "scratch"]
+    jobs = investigate.plan_jobs(
+        investigate_plan(tmp_path, "--seeds", "1", "2", "--variants", *variants)
+    )
+    assert [(j.seed, j.scenario) for j in jobs] == [
+        (seed, name) for seed in (1, 2) for name in ["teacher_long", *variants]
+    ]
+    by_name = {j.scenario: j for j in jobs if j.seed == 1}
+    paper_teacher = tmp_path / "paper/in_domain/lung_ct/teacher/s1" / paper.TEACHER_WEIGHTS
+    assert by_name["dwskd"].teacher_file == paper_teacher
+    assert by_name["dwskd_long_teacher"].teacher_file == (
+        tmp_path / "lung_ct/teacher_long/s1" / paper.TEACHER_WEIGHTS
+    )
+    assert by_name["scratch"].teacher_file is None
+    assert "method.epochs.teacher=15" in by_name["teacher_long"].overrides  # 3x the paper's 5
+    # the paper's budget: dwskd 3 joint + 1 fine-tune epochs, as in the table
+    assert {"method.epochs.train=3", "method.epochs.finetune=1"} <= set(by_name["dwskd"].overrides)
+
+
+def test_investigation_without_the_papers_teacher_says_how_to_train_it(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path), "--paper-root", str(tmp_path / "none"), "--variants", "ws"]
+    with pytest.raises(SystemExit, match="experiments.paper --datasets lung_ct"):
+        investigate.main(argv)
+    assert not (tmp_path / "lung_ct").exists()
+
+
+def test_investigation_refuses_runs_without_validation_metrics(tmp_path: Path) -> None:
+    fake_run(tmp_path, "dwskd", "toy", 1, 0.5, {"deployed": "student_a", "names": ["student_a"]})
+    with pytest.raises(SystemExit, match="no val metrics"):
+        investigate.val_metrics(tmp_path / "dwskd/toy/toy/s1")
+
+
+def test_investigation_compares_variants_on_validation_metrics(
+    quick_sweep: tuple, tmp_path: Path
+) -> None:
+    runs, _, _ = quick_sweep
+    argv = [
+        "--quick", "--img-size", "32", "--dataset", "synthetic", "--seeds", "1",
+        "--variants", "dwskd_T1", "teacher",
+        "--paper-root", str(runs), "--out", str(tmp_path / "inv"),
+        "--results-dir", str(tmp_path / "res"), "--launcher", "inprocess", *SWEEP_TINY,
+    ]  # fmt: skip
+    assert investigate.main(argv) == 0
+    run = json.loads((tmp_path / "inv/synthetic/dwskd_T1/s1/metrics.json").read_text())
+    assert run["run"]["config"]["method"]["distill"]["temperature"] == 1
+    assert run["run"]["stages"]["teacher"]["file"] == str(
+        teacher_run_dir(runs, "in_domain") / paper.TEACHER_WEIGHTS
+    )
+    with (tmp_path / "res/investigate_synthetic.csv").open() as stream:
+        rows = {(r["variant"], r["model"]): r for r in csv.DictReader(stream)}
+    deployed = run["models"][run["deployed"]]
+    assert float(rows[("dwskd_T1", "deployed")]["acc_mean"]) == pytest.approx(
+        deployed["val"]["acc"]
+    )
+    ensemble = rows[("dwskd_T1", "ensemble")]
+    assert float(ensemble["auroc_mean"]) == pytest.approx(run["models"]["ensemble"]["val"]["auroc"])
+    teacher = json.loads((tmp_path / "inv/synthetic/teacher/s1/metrics.json").read_text())
+    assert float(rows[("teacher", "deployed")]["acc_mean"]) == pytest.approx(
+        teacher["models"]["teacher"]["val"]["acc"]
+    )
+    text = (tmp_path / "res/investigate_synthetic.md").read_text()
+    assert "VALIDATION" in text and "T = 1" in text and "CPU cores" in text
 
 
 # ------------------------------------------------------------------- aggregation maths

@@ -49,6 +49,19 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     assert (out / "stages" / "train" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_validation_metrics_of_the_final_weights_are_saved(dwskd_run: tuple[Path, dict]) -> None:
+    """Sweeps choose knobs on validation: metrics.json carries val metrics of every model."""
+    out, results = dwskd_run
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("student_a", "student_b", "ensemble", "teacher"):
+        assert {"acc", "balanced_acc", "f1_macro", "auroc"} <= saved[name]["val"].keys(), name
+    # The student that is not deployed keeps its train-stage weights, so its saved val
+    # accuracy is the one the train stage measured when it chose which student to deploy.
+    kept = "student_b" if results["deployed"] == "student_a" else "student_a"
+    train_val = results["run"]["stages"]["train"]["val_acc"][kept]
+    assert saved[kept]["val"]["acc"] == pytest.approx(train_val)
+
+
 def test_dwskd_logs_every_loss_term_finite_per_student(dwskd_run: tuple[Path, dict]) -> None:
     out, _ = dwskd_run
     rows = read_metrics_csv(out / "logs" / "train" / "metrics.csv")
