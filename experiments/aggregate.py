@@ -167,6 +167,28 @@ def markdown_table(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def summary_table(records: Sequence[dict], scenario: str) -> list[str]:
+    """Datasets x methods: deployed model's test accuracy / balanced accuracy, mean ± std (%)."""
+    datasets = sorted({r["dataset"] for r in records if r["scenario"] == scenario})
+    if not datasets:
+        return []
+    cells: dict[tuple[str, str], str] = {}
+    for dataset in datasets:
+        for r in table_rows(records, scenario, dataset):
+            if r["model"] == "deployed":
+                method = r["method"].removesuffix(" (no teacher)")
+                cells[dataset, method] = (
+                    f"{pct(r['acc_mean'], r['acc_std'])} / "
+                    f"{pct(r['balanced_acc_mean'], r['balanced_acc_std'])} (n={r['n']})"
+                )
+    methods = [m for m in METHODS if any(key[1] == m for key in cells)]
+    lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for dataset in datasets:
+        row = [cells.get((dataset, m), "–") for m in methods]
+        lines.append(f"| {dataset} | " + " | ".join(row) + " |")
+    return lines
+
+
 def verdict(rows: Sequence[dict]) -> str | None:
     """Does dwskd's deployed student beat every student baseline on mean test accuracy?"""
     deployed = {r["method"]: r for r in rows if r["model"] == "deployed"}
@@ -220,6 +242,10 @@ def markdown(records: Sequence[dict], meta: Mapping | None, root: Path, plot: st
     ]
     if plot:
         lines += ["", f"![accuracy per dataset and method]({plot})"]
+    lines += ["", "## Summary: deployed model, test accuracy / balanced accuracy (%)"]
+    for scenario in sorted({r["scenario"] for r in records}):
+        lines += ["", f"**{SCENARIO_TITLES.get(scenario, scenario)}**", ""]
+        lines += summary_table(records, scenario)
     for scenario in sorted({r["scenario"] for r in records}):
         lines += ["", f"## {SCENARIO_TITLES.get(scenario, scenario)}"]
         for dataset in sorted({r["dataset"] for r in records if r["scenario"] == scenario}):

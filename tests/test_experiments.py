@@ -276,6 +276,8 @@ def test_aggregate_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
     assert "| dwskd | deployed (student_b x3) | 3 | 70.0 ± 10.0 |" in text
     assert "| scratch | deployed (student_a x1) | 1 | 90.0 |" in text
     assert "dwskd does not beat the best baseline (scratch): -20.0" in text
+    assert "| dataset | scratch | dwskd |" in text  # the summary table, in METHODS order
+    assert "| toy | 90.0 / 90.0 (n=1) | 70.0 ± 10.0 / 70.0 ± 10.0 (n=3) |" in text
 
 
 def test_aggregate_without_runs_says_where_it_looked(tmp_path: Path) -> None:
