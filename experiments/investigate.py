@@ -47,6 +47,7 @@ from experiments.paper import (
     epoch_overrides,
     run_jobs,
 )
+from experiments.paper import log as paper_log
 
 log = logging.getLogger("experiments.investigate")
 
@@ -293,6 +294,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     show_progress(log)
+    show_progress(paper_log)  # run_jobs reports each job on the paper logger
     set_offline_env()
     args = parse_args(argv)
     plan = plan_from_args(args)
