@@ -170,8 +170,6 @@ def markdown_table(rows: Sequence[dict]) -> list[str]:
 def summary_table(records: Sequence[dict], scenario: str) -> list[str]:
     """Datasets x methods: deployed model's test accuracy / balanced accuracy, mean ± std (%)."""
     datasets = sorted({r["dataset"] for r in records if r["scenario"] == scenario})
-    if not datasets:
-        return []
     cells: dict[tuple[str, str], str] = {}
     for dataset in datasets:
         for r in table_rows(records, scenario, dataset):

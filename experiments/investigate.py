@@ -43,8 +43,7 @@ from experiments.paper import (
     Budget,
     Job,
     check_overrides,
-    device_overrides,
-    epoch_overrides,
+    job_overrides,
     run_jobs,
 )
 from experiments.paper import log as paper_log
@@ -131,28 +130,10 @@ def teacher_overrides(plan: Plan, name: str, seed: int) -> tuple[list[str], Path
 def make_job(plan: Plan, name: str, seed: int) -> Job:
     variant = VARIANTS[name]
     teacher, weights = teacher_overrides(plan, name, seed)
-    overrides = [
-        "experiment=paper",
-        f"data={plan.dataset}",
-        f"method={variant.method}",
-        f"seed={seed}",
-        f"data.img_size={plan.budget.img_size}",
-        f"data.batch_size={plan.budget.batch_size}",
-        *device_overrides(plan.device),
-        *epoch_overrides(variant.method, plan.budget),
-        *teacher,
-        *variant.overrides,
-        *plan.extra,
-    ]
-    return Job(
-        name,
-        plan.dataset,
-        variant.method,
-        seed,
-        run_dir(plan, name, seed),
-        tuple(overrides),
-        weights,
-    )
+    extra = (*teacher, *variant.overrides, *plan.extra)
+    overrides = job_overrides(plan.dataset, variant.method, seed, plan.budget, plan.device, *extra)
+    directory = run_dir(plan, name, seed)
+    return Job(name, plan.dataset, variant.method, seed, directory, overrides, weights)
 
 
 def plan_jobs(plan: Plan) -> list[Job]:

@@ -178,23 +178,30 @@ def teacher_overrides(
     return overrides, weights
 
 
-def make_job(settings: Settings, scenario: str, dataset: str, method: str, seed: int) -> Job:
-    budget = settings.budget
-    teacher, weights = teacher_overrides(settings, scenario, dataset, method, seed)
-    overrides = [
+def job_overrides(
+    dataset: str, method: str, seed: int, budget: Budget, device: str, *extra: str
+) -> tuple[str, ...]:
+    """One job's Hydra overrides on the shared budget; ``extra`` (teacher, knobs) come last."""
+    return (
         "experiment=paper",
         f"data={dataset}",
         f"method={method}",
         f"seed={seed}",
         f"data.img_size={budget.img_size}",
         f"data.batch_size={budget.batch_size}",
-        *device_overrides(settings.device),
+        *device_overrides(device),
         *epoch_overrides(method, budget),
-        *teacher,
-        *settings.extra,
-    ]
+        *extra,
+    )
+
+
+def make_job(settings: Settings, scenario: str, dataset: str, method: str, seed: int) -> Job:
+    teacher, weights = teacher_overrides(settings, scenario, dataset, method, seed)
+    overrides = job_overrides(
+        dataset, method, seed, settings.budget, settings.device, *teacher, *settings.extra
+    )
     directory = run_dir(settings.out, scenario, dataset, method, seed)
-    return Job(scenario, dataset, method, seed, directory, tuple(overrides), weights)
+    return Job(scenario, dataset, method, seed, directory, overrides, weights)
 
 
 def job_phase(job: Job) -> int:
