@@ -9,7 +9,9 @@ decided. The Lightning module only sums and logs the named terms returned by
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,3 +152,60 @@ def check_distill_options(
             f"{prefix}ema_momentum={momentum} must satisfy 0 <= momentum < 1 (e.g. 0.999); "
             "1 would freeze the EMA teacher at its initial weights."
         )
+
+
+EMA_TARGETS = ("self", "ensemble")
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The ``method.distill`` block as one typed, validated object (checked when built).
+
+    ``alpha``: partner KD weight; ``beta``: EMA-teacher KD weight; ``gamma``: KD from the
+    frozen large teacher; ``labels=False``: label-free SKD (needs two augmented views).
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    temperature: float = 4.0
+    label_smoothing: float = 0.0
+    labels: bool = True
+    ema_momentum: float = 0.99
+    ema_final: float | None = None
+    ema_schedule: str = "constant"
+    ema_target: str = "self"
+
+    def __post_init__(self) -> None:
+        check_distill_options(self.alpha, self.beta, self.temperature, self.ema_momentum)
+        if not self.gamma >= 0:
+            raise ValueError(f"method.distill.gamma={self.gamma} must be >= 0 (teacher KD weight).")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(
+                f"method.distill.label_smoothing={self.label_smoothing} must be in [0, 1)."
+            )
+        if self.ema_schedule not in MOMENTUM_SCHEDULES:
+            raise ValueError(
+                f"method.distill.ema_schedule={self.ema_schedule!r} is unknown; "
+                f"choose one of {MOMENTUM_SCHEDULES}."
+            )
+        if self.ema_target not in EMA_TARGETS:
+            raise ValueError(
+                f"method.distill.ema_target={self.ema_target!r} is unknown; choose one of "
+                f"{EMA_TARGETS}."
+            )
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any]) -> DistillOptions:
+        """Build from a config mapping; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"method.distill has unknown option(s) {unknown}; known: {sorted(known)}."
+            )
+        return cls(**options)
+
+    def cross_entropy_only(self) -> DistillOptions:
+        """The same options with every KD term off: plain CE training (teacher, fine-tune)."""
+        return replace(self, alpha=0.0, beta=0.0, gamma=0.0, labels=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dwskd import distill
+from dwskd.distill import DistillOptions
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
 
 STUDENT_NAMES = ("a", "b", "c", "d")
@@ -34,54 +35,49 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class DistillModule(L.LightningModule):
-    """Trains ``students`` jointly; logs each loss term per student; evaluates each and their ensemble.
+    """Trains ``students`` jointly; logs each loss term per student; validates each and their ensemble.
 
     The EMA copies and the frozen teacher have ``requires_grad=False``: they are never in the
     optimiser, DDP does not all-reduce them, and because every rank applies the same EMA update
     to identical (synchronised) student weights, the EMA stays identical across ranks.
+    ``monitor`` (metric, mode) names what checkpointing watches: ``val/<metric>`` is logged as
+    the best single student's value (what can be deployed). Final evaluation goes through
+    ``predict_step``, whose outputs Lightning returns to the caller.
     """
 
     def __init__(
         self,
         students: Sequence[nn.Module],
         *,
-        num_classes: int,
+        stage: str,
         class_names: Sequence[str],
-        distill_cfg: Mapping[str, Any],
+        options: DistillOptions,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr: float,
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.01,
         teacher: nn.Module | None = None,
         class_weights: torch.Tensor | None = None,
+        monitor: tuple[str, str] = ("acc", "max"),
     ) -> None:
         super().__init__()
-        self.cfg = dict(distill_cfg)
-        distill.check_distill_options(
-            self.cfg["alpha"], self.cfg["beta"], self.cfg["temperature"], self.cfg["ema_momentum"]
-        )
+        self.stage, self.options = stage, options
         self.students = nn.ModuleList(students)
         self.names = list(STUDENT_NAMES[: len(students)])
-        self.use_ema = self.cfg["beta"] > 0
+        self.use_ema = options.beta > 0
         self.ema = nn.ModuleList(_frozen_copy(s) for s in students) if self.use_ema else None
-        self.gamma = float(self.cfg.get("gamma", 0.0))
-        if self.gamma > 0 and teacher is None:
+        if options.gamma > 0 and teacher is None:
             raise ValueError("method.distill.gamma > 0 (KD from the teacher) needs a teacher model")
-        self.teacher = _frozen_copy(teacher) if teacher is not None and self.gamma > 0 else None
+        self.teacher = _frozen_copy(teacher) if teacher is not None and options.gamma > 0 else None
         self.class_names = list(class_names)
         self.optimizer_factory, self.lr = optimizer, lr
         self.warmup_fraction, self.min_lr_ratio = warmup_fraction, min_lr_ratio
+        self.monitor_metric, self.monitor_mode = monitor
         self.register_buffer("class_weights", class_weights, persistent=False)
         eval_names = self.names + (["ensemble"] if len(students) > 1 else [])
         self.val_metrics = nn.ModuleDict(
-            {n: classification_metrics(num_classes) for n in eval_names}
+            {n: classification_metrics(len(self.class_names)) for n in eval_names}
         )
-        self.test_metrics = nn.ModuleDict(
-            {n: classification_metrics(num_classes) for n in eval_names}
-        )
-        self.test_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.test_flat: dict[str, dict] = {}
-        self._test_buffer: dict[str, list[torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- training
     def train(self, mode: bool = True) -> DistillModule:
@@ -106,7 +102,7 @@ class DistillModule(L.LightningModule):
             # target across augmentations); with one view both are the same batch.
             other = [views[(i + 1) % len(views)] for i in range(len(views))]
             logits = [ema(v) for ema, v in zip(self.ema, other, strict=True)]
-        if self.cfg.get("ema_target", "self") == "ensemble":
+        if self.options.ema_target == "ensemble":
             mean = torch.stack(logits).mean(0)
             return [mean] * len(logits)
         return logits
@@ -117,46 +113,44 @@ class DistillModule(L.LightningModule):
         x, y = batch
         views = self._views(x)
         logits = [s(v) for s, v in zip(self.students, views, strict=True)]
-        targets = y if self.cfg.get("labels", True) else None
+        opts = self.options
         terms = distill.skd_losses(
             logits,
-            targets,
-            alpha=self.cfg["alpha"],
-            beta=self.cfg["beta"],
-            temperature=self.cfg["temperature"],
+            y if opts.labels else None,
+            alpha=opts.alpha,
+            beta=opts.beta,
+            temperature=opts.temperature,
             ema_logits=self._ema_targets(views),
             class_weights=self.class_weights,
-            label_smoothing=self.cfg.get("label_smoothing", 0.0),
+            label_smoothing=opts.label_smoothing,
         )
         if self.teacher is not None:
             self._add_teacher_kd(terms, logits, views)
-        total = sum(t["total"] for t in terms)
+        for term, z in zip(terms, logits, strict=True):
+            term["acc"] = (z.argmax(1) == y).float().mean()
         log = {
             f"train/{n}/{k}": v.detach()
             for n, t in zip(self.names, terms, strict=True)
             for k, v in t.items()
         }
-        log["train/loss"] = total.detach()
-        self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=y.shape[0])
-        self.log("train/acc", (logits[0].argmax(1) == y).float().mean(), prog_bar=True)
+        self.log_dict(log, on_step=True, on_epoch=True, batch_size=y.shape[0])
+        total = sum(t["total"] for t in terms)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=y.shape[0])
         return total
 
     def _add_teacher_kd(self, terms: list[dict], logits: list[torch.Tensor], views: list) -> None:
         with torch.no_grad():
             teacher_logits = self.teacher(views[0])
         for term, z in zip(terms, logits, strict=True):
-            term["teacher_kd"] = distill.kd_loss(z, teacher_logits, self.cfg["temperature"])
-            term["total"] = term["total"] + self.gamma * term["teacher_kd"]
+            term["teacher_kd"] = distill.kd_loss(z, teacher_logits, self.options.temperature)
+            term["total"] = term["total"] + self.options.gamma * term["teacher_kd"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.use_ema:
             return
+        opts = self.options
         momentum = distill.ema_momentum(
-            self.global_step,
-            self.total_steps,
-            self.cfg["ema_momentum"],
-            self.cfg.get("ema_final"),
-            self.cfg.get("ema_schedule", "constant"),
+            self.global_step, self.total_steps, opts.ema_momentum, opts.ema_final, opts.ema_schedule
         )
         for ema, student in zip(self.ema, self.students, strict=True):
             distill.ema_update(ema, student, momentum)
@@ -171,37 +165,45 @@ class DistillModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        probs = self.predict_probs(x)
-        for name, p in probs.items():
+        for name, p in self.predict_probs(x).items():
             self.val_metrics[name].update(p, y)
-        loss = nn.functional.nll_loss(torch.log(probs[self.names[0]] + 1e-8), y)
-        self.log("val/loss", loss, batch_size=y.shape[0], sync_dist=True)
+            loss = nn.functional.nll_loss(torch.log(p + 1e-8), y)
+            self.log(f"val/{name}/loss", loss, batch_size=y.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        accs = {}
+        scores = {}
         for name, metrics in self.val_metrics.items():
             flat = scalar_only(flatten_metrics(metrics.compute(), self.class_names, f"val/{name}/"))
-            accs[name] = flat[f"val/{name}/acc"]
+            scores[name] = flat[f"val/{name}/{self.monitor_metric}"]
             self.log_dict(flat)
             metrics.reset()
         # The checkpoint monitor: the best single student (what can be deployed).
-        self.log("val/acc", max(accs[n] for n in self.names), prog_bar=True)
+        pick = max if self.monitor_mode == "max" else min
+        self.log(f"val/{self.monitor_metric}", pick(scores[n] for n in self.names), prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        for name, p in self.predict_probs(x).items():
-            self.test_metrics[name].update(p, y)
-            self._test_buffer.setdefault(name, []).append(p.detach().cpu())
-        self._test_buffer.setdefault("targets", []).append(y.detach().cpu())
-
-    def on_test_epoch_end(self) -> None:
-        targets = torch.cat(self._test_buffer.pop("targets"))
-        for name, metrics in self.test_metrics.items():
-            flat = flatten_metrics(metrics.compute(), self.class_names, "")
-            self.log_dict({f"test/{name}/{k}": v for k, v in scalar_only(flat).items()})
-            self.test_outputs[name] = (torch.cat(self._test_buffer.pop(name)), targets)
-            self.test_flat[name] = flat
+    def on_validation_epoch_start(self) -> None:
+        for metrics in self.val_metrics.values():
             metrics.reset()
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
+        """Probabilities of every model (and the ensemble) with the targets: one eval batch."""
+        x, y = batch
+        probs = {name: p.detach().cpu() for name, p in self.predict_probs(x).items()}
+        return {"probs": probs, "targets": y.detach().cpu()}
+
+    # -------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the stage and models in every .ckpt so a resume can check it belongs here."""
+        checkpoint["dwskd"] = {"stage": self.stage, "models": list(self.names)}
+        if self.teacher is not None:  # the frozen teacher has its own export: not copied again
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,26 +1,32 @@
 """The stage pipeline: teacher -> selection -> train (SKD / baselines) -> fine-tune -> test.
 
 Data flows one way: config -> datamodule + teacher -> selection -> module -> trainer -> report.
-Stages talk to each other only through the files in ``<run dir>/stages/<stage>/``.
+Objects are built once at the top (:func:`prepare`) and passed down. Every stage goes through
+one :class:`~dwskd.runs.StageRunner` (load its exports if finished, else fit, export, record);
+stages hand each other models in memory, files are for resuming and for users.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import distill, models, selection, training
+from dwskd import models, runs, selection, training
+from dwskd.distill import DistillOptions
+from dwskd.loggers import log_results, stage_loggers, wandb_group
+from dwskd.machine import git_commit, machine_info, package_versions
 from dwskd.module import DistillModule
 from dwskd.report import write_run_report
+from dwskd.runs import RunDirectory, StageOutput, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -29,54 +35,69 @@ REPORT_NAMES = ("student_a", "student_b")
 
 
 @dataclass
-class Run:
-    """What every stage needs: the config, the run directory, the data and its shape."""
+class Context:
+    """What the stages share, built once at the top from the config."""
 
     cfg: DictConfig
-    out_dir: Path
+    run_dir: RunDirectory
+    runner: StageRunner
+    lightning: training.LightningFactories
+    options: DistillOptions
     datamodule: Any
     shape: dict[str, int]
     pending_ckpt: str | None = None
-    records: dict[str, Any] = field(default_factory=dict)
 
     def module(
         self,
         students: list[nn.Module],
         stage: str,
+        options: DistillOptions,
         teacher: nn.Module | None = None,
-        distill_cfg: dict | None = None,
     ) -> DistillModule:
         cfg, dm = self.cfg, self.datamodule
         balance = cfg.data.get("balance", "none") == "loss"
         return DistillModule(
             students,
-            num_classes=dm.num_classes,
+            stage=stage,
             class_names=dm.class_names,
-            distill_cfg=distill_cfg or OmegaConf.to_container(cfg.method.distill, resolve=True),
+            options=options,
             optimizer=instantiate(cfg.optimizer),
             lr=float(cfg.method.lr[stage]),
             warmup_fraction=cfg.scheduler.warmup_fraction,
             min_lr_ratio=cfg.scheduler.min_lr_ratio,
             teacher=teacher,
             class_weights=dm.class_weights() if balance else None,
+            monitor=(self.lightning.monitor.metric, self.lightning.monitor.mode),
         )
 
-    def fit(self, stage: str, module: DistillModule, epochs: int) -> None:
+    def fit(self, stage: str, module: DistillModule) -> dict[str, Any]:
+        """Train one stage for its epochs from its own seed; returns what to record."""
         ckpt, self.pending_ckpt = self.pending_ckpt, None
-        L.seed_everything(self.cfg.seed + len(self.records), workers=True)
-        training.fit(self.cfg, self.out_dir, stage, module, self.datamodule, epochs, ckpt)
+        epochs = stage_epochs(self.cfg, stage)
+        seed = self.runner.seed_of(stage)
+        self.datamodule.loader_seed = seed
+        facts = training.fit_stage(
+            self.lightning, self.run_dir, stage, module, self.datamodule, epochs, seed, ckpt
+        )
+        return {"epochs": epochs, **facts}
+
+    def evaluate(self, module: DistillModule, split: str) -> training.Evaluation:
+        loader = getattr(self.datamodule, f"{split}_dataloader")()
+        return training.evaluate(self.lightning, module, loader, self.datamodule.class_names)
 
 
-def plain_ce(cfg: DictConfig) -> dict[str, Any]:
-    """Distillation settings that reduce DistillModule to cross-entropy training."""
-    base = OmegaConf.to_container(cfg.method.distill, resolve=True)
-    return dict(base, alpha=0.0, beta=0.0, gamma=0.0, labels=True)
+def stage_epochs(cfg: DictConfig, stage: str) -> int:
+    """``trainer.max_epochs`` (when set) overrides every stage's ``method.epochs.<stage>``."""
+    if cfg.trainer.get("max_epochs") is not None:
+        return int(cfg.trainer.max_epochs)
+    return int(cfg.method.epochs[stage])
 
 
 # ------------------------------------------------------------------------ checks
-def check_options(run: Run) -> None:
+def check_options(ctx: Context) -> None:
     """Fail before any training on options that cannot work (clear messages, no wasted hours)."""
-    method, teacher_cfg = run.cfg.method, run.cfg.teacher
+    cfg = ctx.cfg
+    method, teacher_cfg = cfg.method, cfg.teacher
     if teacher_cfg.source not in TEACHER_SOURCES:
         raise ValueError(f"teacher.source={teacher_cfg.source} must be one of {TEACHER_SOURCES}")
     if method.students not in (0, 1, 2):
@@ -87,17 +108,18 @@ def check_options(run: Run) -> None:
         raise ValueError(f"method.deploy={method.deploy} must be a, b or best")
     if method.deploy == "b" and method.students < 2:
         raise ValueError("method.deploy=b needs method.students=2")
-    d = method.distill
-    if not d.labels and run.cfg.data.get("views", 1) != 2:
+    if not ctx.options.labels and cfg.data.get("views", 1) != 2:
         raise ValueError(
             "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
         )
-
-    distill.check_distill_options(d.alpha, d.beta, d.temperature, d.ema_momentum)
-    if method.students and method.init == "select":
-        teacher = models.create_model(teacher_cfg, **run.shape)
-        for recipe in recipes(run.cfg)[: method.students]:
-            selection.select_state_dict(teacher.state_dict(), new_student(run), recipe)
+    teacher = models.create_model(teacher_cfg, **ctx.shape)
+    models.check_input_size(teacher, ctx.shape["img_size"])
+    if method.students:
+        student = new_student(ctx)
+        models.check_input_size(student, ctx.shape["img_size"])
+        if method.init == "select":
+            for recipe in recipes(cfg)[: method.students]:
+                selection.select_state_dict(teacher.state_dict(), student, recipe)
 
 
 def recipes(cfg: DictConfig) -> list[selection.SelectionRecipe]:
@@ -107,114 +129,114 @@ def recipes(cfg: DictConfig) -> list[selection.SelectionRecipe]:
     ]
 
 
-def new_student(run: Run) -> nn.Module:
-    return models.create_model(run.cfg.model, **run.shape)
+def new_student(ctx: Context) -> nn.Module:
+    return models.create_model(ctx.cfg.model, **ctx.shape)
 
 
 # ------------------------------------------------------------------------ stages
-def teacher_stage(run: Run) -> nn.Module:
+def teacher_stage(ctx: Context) -> nn.Module:
     """Load (hub/file) or create the teacher, then train it on the task for epochs.teacher."""
-    cfg, stage = run.cfg, "teacher"
-    weights = training.stage_dir(run.out_dir, stage) / "teacher.safetensors"
-    done = training.read_done(run.out_dir, stage)
-    if done:
-        # The stage's own export holds the trained weights: no second hub download or file read.
-        log.info("stage teacher: finished earlier, loading %s", weights)
-        run.records[stage] = done
-        return training.load_weights(models.create_model(cfg.teacher, **run.shape), weights)
-    teacher = initial_teacher(run)
-    epochs = 0 if cfg.teacher.source == "random" else training.stage_epochs(cfg, stage)
-    if epochs > 0:
-        run.fit(stage, run.module([teacher], stage, distill_cfg=plain_ce(cfg)), epochs)
-    training.save_weights(teacher, weights)
-    run.records[stage] = {
-        "epochs": epochs,
-        "source": cfg.teacher.source,
-        "file": cfg.teacher.get("file"),
-        "head": cfg.teacher.get("head", "auto"),
-    }
-    training.write_done(run.out_dir, stage, run.records[stage])
-    return teacher
+    tcfg = ctx.cfg.teacher
+
+    def fit() -> StageOutput:
+        teacher, head_changed = initial_teacher(tcfg, ctx.shape)
+        epochs = 0 if tcfg.source == "random" else stage_epochs(ctx.cfg, "teacher")
+        facts = {"epochs": epochs, "source": tcfg.source, "file": tcfg.get("file")}
+        facts["head"] = "re-initialised" if head_changed else "kept"
+        if epochs > 0:
+            plain = ctx.options.cross_entropy_only()
+            facts.update(ctx.fit("teacher", ctx.module([teacher], "teacher", plain)))
+        unchanged_file = tcfg.source == "file" and epochs == 0 and not head_changed
+        references = {"teacher": Path(tcfg.file)} if unchanged_file else None
+        return StageOutput({"teacher": teacher}, facts, references)
+
+    def blank() -> dict[str, nn.Module]:
+        return {"teacher": models.create_model(tcfg, **ctx.shape)}
+
+    return ctx.runner.run("teacher", blank, fit).models["teacher"]
 
 
-def initial_teacher(run: Run) -> nn.Module:
-    tcfg = run.cfg.teacher
+def initial_teacher(tcfg: DictConfig, shape: Mapping[str, int]) -> tuple[nn.Module, bool]:
+    """The teacher before any training, and whether its classifier head is new."""
     if tcfg.source == "hub":
-        return models.create_hub_model(tcfg, **run.shape)
-    teacher = models.create_model(tcfg, **run.shape)
-    if tcfg.source == "file":
-        if not tcfg.get("file"):
-            raise ValueError("teacher.source=file needs teacher.file=/path/to/weights.safetensors")
-        models.load_weights_file(teacher, tcfg.file)
-    elif tcfg.source == "random":
-        log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
+        teacher = models.create_hub_model(tcfg, **shape)
+        head_changed = teacher.pretrained_cfg.get("num_classes") != shape["num_classes"]
+    else:
+        teacher, head_changed = models.create_model(tcfg, **shape), True
+        if tcfg.source == "file":
+            if not tcfg.get("file"):
+                raise ValueError("teacher.source=file needs teacher.file=/path/to/weights")
+            head_changed = models.load_weights_file(teacher, tcfg.file)
+        elif tcfg.source == "random":
+            log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
     if tcfg.get("head", "auto") == "reinit":
-        teacher.reset_classifier(run.shape["num_classes"])  # fresh head even for equal label counts
-    return teacher
+        teacher.reset_classifier(shape["num_classes"])  # fresh head even for equal label counts
+        head_changed = True
+    return teacher, head_changed
 
 
-def select_stage(run: Run, teacher: nn.Module | None) -> list[nn.Module]:
-    """Create the students: weight selection from the teacher (two recipes) or random init."""
-    method = run.cfg.method
-    students = [new_student(run) for _ in range(method.students)]
-    if method.init != "select":
+def select_stage(ctx: Context, teacher: nn.Module | None) -> list[nn.Module]:
+    """Create the students: weight selection from the teacher (two recipes) or random init.
+
+    Selection is cheap and deterministic, so it runs every time; its record keeps the plans.
+    """
+    import lightning as L
+
+    method = ctx.cfg.method
+    L.seed_everything(ctx.runner.seed_of("select"), workers=True)  # fresh heads, random init
+    students = [new_student(ctx) for _ in range(method.students)]
+    if method.init != "select" or not students:
         return students
-    out = training.stage_dir(run.out_dir, "select")
     plans = {}
-    for name, student, recipe in zip(REPORT_NAMES, students, recipes(run.cfg), strict=False):
-        plan = selection.initialize_from_teacher(student, teacher, recipe)
-        plans[name] = plan.to_dict()
-        if not (out / f"{name}.safetensors").exists():
-            selection.save_selection(out / f"{name}.safetensors", student.state_dict(), plan)
-    run.records["select"] = {
-        "head_reinitialised": {n: p.get("head_reinitialised") for n, p in plans.items()}
-    }
+    for name, student, recipe in zip(REPORT_NAMES, students, recipes(ctx.cfg), strict=False):
+        plans[name] = selection.initialize_from_teacher(student, teacher, recipe).to_dict()
+    if ctx.run_dir.writer and ctx.run_dir.layout.stage_record("select") is None:
+        runs.write_json(ctx.run_dir.layout.done_json("select"), {"stage": "select", "plans": plans})
     return students
 
 
-def train_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -> dict[str, float]:
-    """SKD between the students (or the baseline's objective); returns per-student val accuracy."""
-    stage, names = "train", REPORT_NAMES[: len(students)]
-    paths = [training.stage_dir(run.out_dir, stage) / f"{n}.safetensors" for n in names]
-    done = training.read_done(run.out_dir, stage)
-    if done:
-        for student, path in zip(students, paths, strict=True):
-            training.load_weights(student, path)
-        run.records[stage] = done
-        return done["val_acc"]
-    module = run.module(students, stage, teacher=teacher)
-    run.fit(stage, module, training.stage_epochs(run.cfg, stage))
-    metrics = training.evaluate(run.cfg, module, run.datamodule, "val")
-    val_acc = {n: metrics[f"val/{short}/acc"] for n, short in zip(names, module.names, strict=True)}
-    for student, path in zip(students, paths, strict=True):
-        training.save_weights(student, path)
-    run.records[stage] = {"val_acc": val_acc, "epochs": training.stage_epochs(run.cfg, stage)}
-    training.write_done(run.out_dir, stage, run.records[stage])
-    return val_acc
+def train_stage(
+    ctx: Context, students: list[nn.Module], teacher: nn.Module | None
+) -> dict[str, dict]:
+    """SKD between the students (or the baseline's objective); returns their val metrics."""
+    names = list(REPORT_NAMES[: len(students)])
+
+    def fit() -> StageOutput:
+        module = ctx.module(students, "train", ctx.options, teacher=teacher)
+        facts = ctx.fit("train", module)
+        val = ctx.evaluate(module, "val").metrics
+        facts["val"] = {n: val[short] for n, short in zip(names, module.names, strict=True)}
+        ema = {}
+        if module.use_ema and ctx.cfg.checkpoint.ema:
+            ema = {f"ema_{n}": m for n, m in zip(names, module.ema, strict=True)}
+        return StageOutput(dict(zip(names, students, strict=True)), facts, extra_exports=ema)
+
+    output = ctx.runner.run("train", lambda: dict(zip(names, students, strict=True)), fit)
+    return output.facts["val"]
 
 
-def deployed_name(cfg: DictConfig, val_acc: dict[str, float]) -> str:
+def deployed_name(cfg: DictConfig, monitor: training.Monitor, val: Mapping[str, dict]) -> str:
     if cfg.method.deploy == "best":
-        return max(val_acc, key=val_acc.get)
+        return monitor.best({name: metrics[monitor.metric] for name, metrics in val.items()})
     return f"student_{cfg.method.deploy}"
 
 
-def finetune_stage(run: Run, student: nn.Module) -> None:
+def finetune_stage(ctx: Context, name: str, student: nn.Module) -> None:
     """Fine-tune the deployed student alone with cross-entropy on the task."""
-    stage = "finetune"
-    epochs = training.stage_epochs(run.cfg, stage) if run.cfg.method.epochs.finetune > 0 else 0
-    weights = training.stage_dir(run.out_dir, stage) / "student.safetensors"
-    if training.read_done(run.out_dir, stage):
-        training.load_weights(student, weights)
-        return
-    if epochs > 0:
-        run.fit(stage, run.module([student], stage, distill_cfg=plain_ce(run.cfg)), epochs)
-    training.save_weights(student, weights)
-    training.write_done(run.out_dir, stage, {"epochs": epochs})
+
+    def fit() -> StageOutput:
+        epochs = stage_epochs(ctx.cfg, "finetune") if ctx.cfg.method.epochs.finetune > 0 else 0
+        facts: dict[str, Any] = {"epochs": epochs, "deployed": name}
+        if epochs > 0:
+            plain = ctx.options.cross_entropy_only()
+            facts.update(ctx.fit("finetune", ctx.module([student], "finetune", plain)))
+        return StageOutput({name: student}, facts)
+
+    ctx.runner.run("finetune", lambda: {name: student}, fit)
 
 
 # ------------------------------------------------------------------- test + report
-def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -> tuple[dict, dict]:
+def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | None):
     """Evaluate every model (students, their ensemble, teacher) on val and test, with costs.
 
     Validation metrics of the final weights go into metrics.json too, so that sweeps over
@@ -222,30 +244,25 @@ def test_stage(run: Run, students: list[nn.Module], teacher: nn.Module | None) -
     """
     entries: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
+    plain = ctx.options.cross_entropy_only()
     groups = [("students", students), ("teacher", [teacher] if teacher is not None else [])]
     for group, group_models in groups:
         if not group_models:
             continue
-        module = run.module(group_models, "finetune", distill_cfg=plain_ce(run.cfg))
-        val = training.evaluate(run.cfg, module, run.datamodule, "val")
-        training.evaluate(run.cfg, module, run.datamodule, "test")
-        for short, flat in module.test_flat.items():
+        module = ctx.module(group_models, "finetune", plain)
+        val, test = ctx.evaluate(module, "val"), ctx.evaluate(module, "test")
+        for short, flat in test.metrics.items():
             name = report_name(group, short)
-            entries[name] = {"val": strip_prefix(val, f"val/{short}/"), "test": flat}
-            probs, targets = module.test_outputs[short]
-            predictions[name] = (probs.numpy(), targets.numpy())
+            entries[name] = {"val": val.metrics[short], "test": flat}
+            predictions[name] = (test.probs[short].numpy(), test.targets.numpy())
     for name, model in named_models(students, teacher).items():
-        entries[name].update(model_costs(run, model))
+        entries[name].update(model_costs(ctx, model))
     if "ensemble" in entries:
         members = [entries[n] for n in REPORT_NAMES[: len(students)]]
         entries["ensemble"].update(
-            {k: sum(m[k] for m in members) for k in members[0] if k not in ("val", "test")}
+            {k: sum(m[k] for m in members) for k in ("params", "flops") if k in members[0]}
         )
     return entries, predictions
-
-
-def strip_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def report_name(group: str, short: str) -> str:
@@ -261,21 +278,23 @@ def named_models(students: list[nn.Module], teacher: nn.Module | None) -> dict[s
     return named
 
 
-def model_costs(run: Run, model: nn.Module) -> dict[str, float]:
-    shape = {"in_chans": run.shape["in_chans"], "img_size": run.shape["img_size"]}
-    costs: dict[str, float] = {
+def model_costs(ctx: Context, model: nn.Module) -> dict[str, Any]:
+    shape = {"in_chans": ctx.shape["in_chans"], "img_size": ctx.shape["img_size"]}
+    costs: dict[str, Any] = {
         "params": models.count_params(model),
         "flops": models.count_flops(model, **shape),
     }
-    if run.cfg.eval.latency:
-        costs["latency_ms"] = models.measure_latency_ms(
-            model, repeats=run.cfg.eval.latency_repeats, **shape
+    if ctx.cfg.eval.latency:
+        latency = models.measure_latency(
+            model, min_run_time=float(ctx.cfg.eval.latency_seconds), **shape
         )
+        costs["latency_ms"] = latency["median_ms"]
+        costs["latency"] = latency
     return costs
 
 
-def run_info(run: Run, wall_time: float, deployed: str, command: str | None) -> dict[str, Any]:
-    cfg = run.cfg
+def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None) -> dict:
+    cfg = ctx.cfg
     return {
         "command": command or "(in-process run)",
         "method": cfg.method.name,
@@ -284,16 +303,25 @@ def run_info(run: Run, wall_time: float, deployed: str, command: str | None) -> 
         "teacher": cfg.teacher.name,
         "teacher_source": cfg.teacher.source,
         "seed": cfg.seed,
+        "stage_seeds": {s: ctx.runner.seed_of(s) for s in runs.STAGES},
         "deployed": deployed,
         "wall_time_s": round(wall_time, 1),
-        "output_dir": str(run.out_dir),
-        "stages": run.records,
+        "output_dir": str(ctx.run_dir.layout.root),
+        "resumes": ctx.run_dir.resumes(),
+        "stages": {s: r.get("facts", r) for s, r in stage_records(ctx.run_dir.layout).items()},
+        "machine": machine_info(),
+        "packages": package_versions(),
+        "git": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 
-def prepare(cfg: DictConfig, out_dir: Path) -> Run:
-    L.seed_everything(cfg.seed, workers=True)
+def stage_records(layout: runs.RunLayout) -> dict[str, dict]:
+    return {s: r for s in runs.STAGES if (r := layout.stage_record(s)) is not None}
+
+
+def prepare(cfg: DictConfig, run_dir: RunDirectory) -> Context:
+    """Build everything once: data, Lightning factories, options, the stage runner."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -302,45 +330,76 @@ def prepare(cfg: DictConfig, out_dir: Path) -> Run:
         "in_chans": datamodule.in_chans,
         "img_size": datamodule.img_size,
     }
-    return Run(
+    runner = StageRunner(
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        cfg.seed,
+        keep_checkpoints=bool(cfg.checkpoint.keep),
+        load_reference=lambda model, path: models.load_weights_file(model, path),
+    )
+    group = wandb_group(cfg.data.name, cfg.method.name)
+    return Context(
         cfg=cfg,
-        out_dir=Path(out_dir),
+        run_dir=run_dir,
+        runner=runner,
+        lightning=training.build_factories(cfg, group),
+        options=DistillOptions.from_mapping(OmegaConf.to_container(cfg.method.distill)),
         datamodule=datamodule,
         shape=shape,
         pending_ckpt=cfg.get("ckpt_path"),
     )
 
 
-def run_pipeline(cfg: DictConfig, out_dir: Path, command: str | None = None) -> dict[str, Any]:
-    """Run every stage the method needs, then test and write the report. Returns metrics.json."""
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    if (out_dir / "metrics.json").exists():
-        raise FileExistsError(
-            f"{out_dir}/metrics.json exists: this run is complete. Start a new run (a new "
-            "hydra.run.dir) instead of overwriting its results."
+def run_pipeline(
+    cfg: DictConfig,
+    out_dir: Path,
+    command: str | None = None,
+    hydra_files: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Accept the run dir (or refuse, changing nothing), run every stage, test, report."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    command = command or "(in-process run)"
+    with runs.opened_run_dir(Path(out_dir), writer=rank_zero_only.rank == 0) as run_dir:
+        changes = runs.check_resumable(
+            run_dir.layout, config, bool(cfg.resume.allow_config_changes)
         )
-    run = prepare(cfg, out_dir)
-    check_options(run)
-    teacher = teacher_stage(run) if cfg.method.needs_teacher or not cfg.method.students else None
-    students = select_stage(run, teacher)
+        ctx = prepare(cfg, run_dir)
+        check_options(ctx)
+        run_dir.start(config, command, changes, hydra_files)
+        return execute(ctx, command)
+
+
+def execute(ctx: Context, command: str) -> dict[str, Any]:
+    """The stages in order, then the test stage and the report (rank 0 only)."""
+    start, cfg, run_dir = time.perf_counter(), ctx.cfg, ctx.run_dir
+    needs_teacher = cfg.method.needs_teacher or not cfg.method.students
+    teacher = teacher_stage(ctx) if needs_teacher else None
+    students = select_stage(ctx, teacher)
     deployed = "teacher"
     if students:
-        val_acc = train_stage(run, students, teacher)
-        deployed = deployed_name(cfg, val_acc)
-        finetune_stage(run, students[REPORT_NAMES.index(deployed)])
-    if rank_zero_only.rank != 0:
+        val = train_stage(ctx, students, teacher)
+        deployed = deployed_name(cfg, ctx.lightning.monitor, val)
+        finetune_stage(ctx, deployed, students[REPORT_NAMES.index(deployed)])
+    if not run_dir.writer:
         return {}
-    entries, predictions = test_stage(run, students, teacher)
+    entries, predictions = test_stage(ctx, students, teacher)
     results = {
-        "run": run_info(run, time.perf_counter() - start, deployed, command),
-        "data": run.datamodule.summary(),
+        "run": run_info(ctx, time.perf_counter() - start, deployed, command),
+        "data": ctx.datamodule.summary(),
         "deployed": deployed,
         "models": entries,
     }
-    csv = out_dir / "logs" / "train" / "metrics.csv"
-    if not csv.exists():
-        csv = out_dir / "logs" / "teacher" / "metrics.csv"
-    paths = write_run_report(out_dir, results, predictions, csv if csv.exists() else None)
-    training.log_report(cfg, out_dir, results, paths)
+    layout = run_dir.layout
+    csvs = {s: layout.metrics_csv(s) for s in runs.STAGES if layout.metrics_csv(s).is_file()}
+    paths = write_run_report(layout, results, predictions, csvs)
+    loggers = stage_loggers(ctx.lightning.loggers, layout.root, "test", ctx.lightning.log_group)
+    log_results(loggers, results, {k: p for k, p in paths.items() if p.suffix == ".png"})
     return results
+
+
+def optimized_value(results: Mapping[str, Any], key: str) -> float | None:
+    """``optimized_metric`` (e.g. ``val/acc``) of the deployed model: what sweepers optimise."""
+    split, _, metric = key.partition("/")
+    deployed = results.get("deployed")
+    value = results.get("models", {}).get(deployed, {}).get(split, {}).get(metric)
+    return None if value is None else float(value)

@@ -34,10 +34,10 @@ from torch import Tensor
 from torchmetrics.functional import auroc, roc
 from torchmetrics.utilities.plot import plot_confusion_matrix as draw_confusion_matrix
 
-METRICS_JSON = "metrics.json"
-REPORT_MD = "report.md"
-PLOTS_DIR = "plots"
-LEARNING_CURVES_PNG = "learning_curves.png"
+from dwskd import runs
+from dwskd.runs import RunLayout
+
+PLOTS_DIR = "plots"  # relative links in report.md; the folder is RunLayout.plots_dir
 MODEL_ORDER = ("student_a", "student_b", "ensemble", "teacher")
 RESERVED_KEYS = ("run", "data", "deployed", "models")
 TABLE_HEADER = (
@@ -79,22 +79,10 @@ def with_model_keys(results: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _refuse_overwrite(path: Path) -> None:
-    if path.exists():
-        raise FileExistsError(
-            f"{path} already exists; dwskd never overwrites earlier results. "
-            "Choose a new output directory (e.g. hydra.run.dir=...) or move the old run away."
-        )
-
-
-def write_metrics_json(out_dir: Path, results: dict) -> Path:
-    """Write ``metrics.json``; refuses to overwrite one from an earlier run."""
-    path = Path(out_dir) / METRICS_JSON
-    _refuse_overwrite(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(with_model_keys(results)), indent=2, allow_nan=False)
-    path.write_text(text + "\n")
-    return path
+def write_metrics_json(layout: RunLayout, results: dict) -> Path:
+    """Write ``metrics.json`` (atomically: it is what marks a run finished)."""
+    runs.refuse_finished(layout)
+    return runs.write_json(layout.metrics_json, _jsonable(with_model_keys(results)))
 
 
 # --------------------------------------------------------------------------- report.md
@@ -160,21 +148,36 @@ def _per_class_table(flat: Mapping[str, Any]) -> list[str]:
     return ["| Class | Sensitivity | Specificity |", "|---|---:|---:|", *rows]
 
 
-def _plot_links(out_dir: Path, model_names: Sequence[str]) -> list[str]:
-    """Markdown image links to the plots that exist in ``out_dir/plots``."""
-    names = [LEARNING_CURVES_PNG]
+def _plot_links(layout: RunLayout, model_names: Sequence[str]) -> list[str]:
+    """Markdown image links to the plots that exist in the run's ``plots/``."""
+    names = sorted(p.name for p in layout.plots_dir.glob("learning_curves_*.png"))
     names += [f"{kind}_{model}.png" for model in model_names for kind in ("confmat", "roc")]
     return [
         f"![{name[:-4]}]({PLOTS_DIR}/{name})"
         for name in names
-        if (Path(out_dir) / PLOTS_DIR / name).is_file()
+        if (layout.plots_dir / name).is_file()
     ]
 
 
-def write_report_md(out_dir: Path, results: dict) -> Path:
+def _resume_lines(resumes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One bullet per restart of the command and per stage resumed from its checkpoint."""
+    if not resumes:
+        return ["- none: the run went through without interruption"]
+    lines = []
+    for r in resumes:
+        if "stage" in r:
+            lines.append(f"- {r['time']}: stage {r['stage']} resumed at epoch {r['epoch']}")
+        else:
+            changed = ", ".join(r.get("config_changes") or {}) or "no config change"
+            lines.append(f"- {r['time']}: run restarted ({changed})")
+    return lines
+
+
+def write_report_md(layout: RunLayout, results: dict) -> Path:
     """Human-readable summary of a run; plots are linked when they exist in ``plots/``."""
     run, models = results.get("run", {}), results.get("models", {})
     deployed = results.get("deployed")
+    hidden = ("command", "resumes", "config", "stages", "machine", "packages")
     lines = [
         f"# dwskd report: method={run.get('method')}, data={run.get('data')}, "
         f"model={run.get('model')}",
@@ -187,7 +190,11 @@ def write_report_md(out_dir: Path, results: dict) -> Path:
         "",
         "## Run",
         "",
-        *_bullets({k: v for k, v in run.items() if k != "command"}),
+        *_bullets({k: v for k, v in run.items() if k not in hidden}),
+        "",
+        "## Resumes",
+        "",
+        *_resume_lines(run.get("resumes", [])),
         "",
         "## Test results",
         "",
@@ -198,22 +205,19 @@ def write_report_md(out_dir: Path, results: dict) -> Path:
         lines += [f"## Per-class results ({deployed}, test)", ""]
         lines += [*_per_class_table(models[deployed].get("test", {})), ""]
     lines += ["## Data", "", *_bullets(results.get("data", {})), ""]
-    links = _plot_links(out_dir, _ordered_models(models))
+    links = _plot_links(layout, _ordered_models(models))
     if links:
         lines += ["## Plots", "", *[f"{link}\n" for link in links]]
-    path = Path(out_dir) / REPORT_MD
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
+    return runs.write_text(layout.report_md, "\n".join(lines).rstrip() + "\n")
 
 
 # --------------------------------------------------------------------------- plots
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return runs.atomic_write(
+        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    )
 
 
 def plot_confusion_matrix(
@@ -267,23 +271,34 @@ def plot_roc(
     return _save(fig, path)
 
 
-def _curve_kind(column: str) -> str | None:
-    """'loss' for train/loss*, val/loss*; 'acc' for val/acc* (also val/<model>/acc*)."""
-    stage, _, rest = column.partition("/")
-    last = rest.rsplit("/", 1)[-1]
-    if stage in ("train", "val") and last.startswith("loss"):
-        return "loss"
-    if stage == "val" and last.startswith("acc"):
-        return "acc"
+CURVE_PANELS = ("train loss terms", "val loss", "accuracy")
+
+
+def _curve_panel(column: str) -> str | None:
+    """Which panel a CSV column belongs to: per-student loss terms, val loss, accuracies.
+
+    ``train/<model>/<term>_epoch`` (ce, partner_kd, ema_kd, teacher_kd, total) are loss
+    terms; ``val/<model>/loss`` is the validation NLL; ``train/<model>/acc_epoch`` and
+    ``val/<model>/acc`` are accuracies. Step-level and monitor columns are left out.
+    """
+    parts = column.split("/")
+    if len(parts) != 3:
+        return None
+    split, _, last = parts
+    if split == "train" and last.endswith("_epoch"):
+        return "accuracy" if last == "acc_epoch" else "train loss terms"
+    if split == "val" and last == "loss":
+        return "val loss"
+    if split == "val" and last == "acc":
+        return "accuracy"
     return None
 
 
 def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
-    """Per-epoch mean of every loss/accuracy column of a Lightning CSVLogger ``metrics.csv``.
+    """Per-epoch mean of every plotted column of a Lightning CSVLogger ``metrics.csv``.
 
     CSVLogger writes sparse rows (a step row, a val row, an epoch row); averaging the
-    non-empty values per epoch turns step-level and epoch-level columns alike into curves.
-    ``*_step`` columns are dropped when the matching ``*_epoch`` column exists.
+    non-empty values per epoch turns them into one value per epoch and column.
     """
     sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     with Path(metrics_csv).open(newline="") as f:
@@ -292,36 +307,30 @@ def read_epoch_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
                 continue
             epoch = int(float(row["epoch"]))
             for col, value in row.items():
-                if value not in ("", None) and _curve_kind(col):
+                if value not in ("", None) and _curve_panel(col):
                     sums[col][epoch].append(float(value))
-    curves = {
+    return {
         col: {e: float(np.mean(v)) for e, v in sorted(by_epoch.items())}
         for col, by_epoch in sums.items()
     }
-    return {
-        col: c
-        for col, c in curves.items()
-        if not (col.endswith("_step") and f"{col[:-5]}_epoch" in curves)
-    }
 
 
-def plot_learning_curves(metrics_csv: Path | None, path: Path) -> Path | None:
-    """Loss and validation-accuracy curves vs epoch; ``None`` when there is nothing to plot."""
-    if metrics_csv is None or not Path(metrics_csv).is_file():
-        return None
+def plot_learning_curves(metrics_csv: Path, path: Path, title: str) -> Path | None:
+    """One figure per stage: loss terms per student, val loss, accuracies, vs epoch."""
     curves = read_epoch_curves(metrics_csv)
-    kinds = [k for k in ("loss", "acc") if any(_curve_kind(c) == k for c in curves)]
-    if not kinds:
+    panels = [p for p in CURVE_PANELS if any(_curve_panel(c) == p for c in curves)]
+    if not panels:
         return None
-    fig = Figure(figsize=(5.5 * len(kinds), 4.0))
-    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    for ax, kind in zip(axes, kinds, strict=True):
+    fig = Figure(figsize=(5.5 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
         for col, curve in sorted(curves.items()):
-            if _curve_kind(col) == kind:
-                ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=col)
-        ax.set(xlabel="epoch", ylabel=kind, title="loss" if kind == "loss" else "val accuracy")
+            if _curve_panel(col) == panel:
+                label = col.removesuffix("_epoch")
+                ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=label)
+        ax.set(xlabel="epoch", title=f"{title}: {panel}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -334,19 +343,17 @@ def _class_names_for(entry: Mapping[str, Any], num_classes: int) -> list[str]:
 
 
 def write_run_report(
-    out_dir: Path,
+    layout: RunLayout,
     results: dict,
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    metrics_csv: Path | None,
+    stage_csvs: Mapping[str, Path],
 ) -> dict[str, Path]:
-    """Write metrics.json first (the record), then the plots, then report.md; return the paths.
+    """Write the plots, then report.md, then metrics.json (the file that marks a run finished).
 
-    ``write_metrics_json`` goes first and refuses an existing ``metrics.json``, so no file of
-    an earlier run is touched.
+    A crash before the end therefore leaves a resumable run, never a half-reported one.
     """
-    out_dir = Path(out_dir)
-    paths = {"metrics_json": write_metrics_json(out_dir, results)}
-    plots, models = out_dir / PLOTS_DIR, results.get("models", {})
+    plots, models = layout.plots_dir, results.get("models", {})
+    paths: dict[str, Path] = {}
     for name, entry in models.items():
         confmat = entry.get("test", {}).get("confmat")
         if confmat:
@@ -359,8 +366,10 @@ def write_run_report(
         paths[f"roc_{name}"] = plot_roc(
             probs, targets, names, plots / f"roc_{name}.png", f"{name}: test ROC"
         )
-    curves = plot_learning_curves(metrics_csv, plots / LEARNING_CURVES_PNG)
-    if curves is not None:
-        paths["learning_curves"] = curves
-    paths["report_md"] = write_report_md(out_dir, results)
+    for stage, csv_path in stage_csvs.items():
+        png = plot_learning_curves(csv_path, plots / f"learning_curves_{stage}.png", stage)
+        if png is not None:
+            paths[f"learning_curves_{stage}"] = png
+    paths["report_md"] = write_report_md(layout, results)
+    paths["metrics_json"] = write_metrics_json(layout, results)
     return paths

@@ -1,7 +1,9 @@
 """Hydra entry point: ``python -m dwskd.run [group=option ...] [key=value ...]`` (or ``dwskd``).
 
-It only composes the config, runs the stage pipeline in the run's own directory, and prints
-where the results are. Everything else lives in :mod:`dwskd.pipeline`.
+It only composes the config, runs the stage pipeline in the run's own directory, and returns
+``optimized_metric`` (a validation metric of the deployed model by default) to sweepers.
+Hydra's own ``.hydra/`` output is off (``hydra.output_subdir: null``): dwskd writes those files
+itself once the run dir is accepted, so a refused run changes nothing there.
 """
 
 from __future__ import annotations
@@ -14,34 +16,40 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from dwskd.pipeline import run_pipeline  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def deployed_test_accuracy(results: dict) -> float | None:
-    """The number a sweeper optimises: test accuracy of the deployed model."""
-    models = results.get("models", {})
-    deployed = results.get("deployed")
-    return models.get(deployed, {}).get("test", {}).get("acc") if deployed else None
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """The three files Hydra would write to ``.hydra/``: config, hydra config, overrides."""
+    hydra_cfg = HydraConfig.get()
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+    }
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from dwskd.pipeline import optimized_value, run_pipeline
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     command = " ".join(["python -m dwskd.run", *HydraConfig.get().overrides.task])
-    results = run_pipeline(cfg, out_dir, command=command)
-    if results:
-        log.info(
-            "deployed %s: test acc %.4f; report: %s",
-            results["deployed"],
-            deployed_test_accuracy(results),
-            out_dir / "report.md",
-        )
-    return deployed_test_accuracy(results)
+    results = run_pipeline(cfg, out_dir, command=command, hydra_files=hydra_files(cfg))
+    if not results:
+        return None
+    value = optimized_value(results, cfg.optimized_metric)
+    log.info(
+        "deployed %s: %s %s (the value returned to sweepers); report: %s",
+        results["deployed"],
+        cfg.optimized_metric,
+        "n/a" if value is None else f"{value:.4f}",
+        out_dir / "report.md",
+    )
+    return value
 
 
 if __name__ == "__main__":

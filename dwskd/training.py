@@ -1,209 +1,251 @@
-"""Trainer, logger and checkpoint plumbing shared by every stage.
+"""Lightning plumbing of a stage: trainer, callbacks and loggers from config, fit with resume, predict.
 
-A stage owns ``<run dir>/stages/<name>/``: Lightning checkpoints (best on ``val/acc`` and
-last), the exported weights of each model (``<model>.safetensors``) and ``done.json``. A stage
-with ``done.json`` is finished and is skipped when the same command runs again in the same
-directory; a stage with only ``checkpoints/last.ckpt`` resumes from it.
+Trainer, callbacks and loggers are instantiated from their config groups once at the top, as
+partials (:class:`LightningFactories`); each stage calls them for fresh objects. While a stage
+runs, its ``checkpoints/`` hold ``last.ckpt`` (full state, for resume) and ``best.ckpt``
+(the monitored best); :mod:`dwskd.runs` exports the best weights and deletes both afterwards.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
 from torch import nn
+
+from dwskd import loggers as stage_logging
+from dwskd.metrics import classification_metrics, flatten_metrics
+from dwskd.runs import RunDirectory, atomic_write
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "done.json"
-# The trainer settings that still apply to a one-process evaluation (no devices/strategy/DDP).
-_EVAL_TRAINER_KEYS = (
-    "accelerator",
-    "precision",
-    "limit_val_batches",
-    "limit_test_batches",
-    "deterministic",
-)
+MONITORABLE = ("acc", "balanced_acc", "f1_macro", "auroc")
 
 
-def stage_dir(out_dir: Path, stage: str) -> Path:
-    return Path(out_dir) / "stages" / stage
+class ResumeError(ValueError):
+    """A checkpoint that does not belong to the stage it would resume."""
 
 
-def read_done(out_dir: Path, stage: str) -> dict[str, Any] | None:
-    """The record of a finished stage, or None when the stage still has to run."""
-    path = stage_dir(out_dir, stage) / DONE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclass(frozen=True)
+class Monitor:
+    """The validation metric that picks the best epoch and (``method.deploy=best``) the student."""
+
+    key: str = "val/acc"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        split, _, metric = self.key.partition("/")
+        if split != "val" or metric not in MONITORABLE or self.mode not in ("max", "min"):
+            raise ValueError(
+                f"callbacks.model_checkpoint.monitor={self.key} (mode {self.mode}) is not "
+                f"supported: use val/<metric> with metric in {MONITORABLE} and mode max."
+            )
+
+    @property
+    def metric(self) -> str:
+        return self.key.partition("/")[2]
+
+    def best(self, scores: Mapping[str, float]) -> str:
+        pick = max if self.mode == "max" else min
+        return pick(scores, key=scores.get)
 
 
-def write_done(out_dir: Path, stage: str, record: Mapping[str, Any]) -> None:
-    path = stage_dir(out_dir, stage) / DONE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(record), indent=2))
+@dataclass
+class LightningFactories:
+    """The Lightning objects of a run, as partials built once from the config groups."""
+
+    trainer: Callable[..., L.Trainer]
+    callbacks: dict[str, Callable[..., Callback]]
+    loggers: dict[str, Callable[..., Any]]
+    monitor: Monitor
+    progress_bar: bool = True
+    log_group: str = "dwskd"
+    stage_epochs: dict[str, int] = field(default_factory=dict)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Plain timm state dict as safetensors: loadable with ``teacher.source=file`` elsewhere."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-
-
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
-
-
-def make_logger(cfg: DictConfig, out_dir: Path, stage: str) -> Any:
-    """One logger per stage (CSV/TensorBoard version = stage; one W&B run per stage, grouped)."""
-    if cfg.get("logger") is None:
-        return False
-    target = str(cfg.logger._target_)
-    if target.endswith("WandbLogger"):
-        logger = instantiate(
-            cfg.logger,
-            save_dir=str(out_dir),
-            name=f"{cfg.logger.name}-{stage}",
-            job_type=stage,
-            group=cfg.logger.get("group") or wandb_group(cfg),
-        )
-    else:
-        logger = instantiate(cfg.logger, save_dir=str(out_dir), version=stage)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return logger
-
-
-def wandb_group(cfg: DictConfig) -> str:
-    """Runs of one multirun sweep share a group (the sweep folder); single runs: data-method."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().sweep.dir).name
-    return f"{cfg.data.name}-{cfg.method.name}"
-
-
-def log_report(cfg: DictConfig, out_dir: Path, results: dict, paths: Mapping[str, Path]) -> None:
-    """Send the test metrics and the report's plots to the logger as one more "test" run."""
-    logger = make_logger(cfg, out_dir, "test")
-    if not logger:
-        return
-    flat = {
-        f"test/{name}/{key}": value
-        for name, entry in results["models"].items()
-        for key, value in entry["test"].items()
-        if isinstance(value, int | float)
+def build_factories(cfg: DictConfig, log_group: str) -> LightningFactories:
+    """Instantiate ``trainer``, ``callbacks`` and ``logger`` groups as partials (template style)."""
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
+    callbacks = {
+        name: instantiate(c, _partial_=True)
+        for name, c in (cfg.get("callbacks") or {}).items()
+        if c is not None and "_target_" in c
     }
-    logger.log_metrics(flat)
-    if hasattr(logger, "log_image"):
-        for key, path in paths.items():
-            if str(path).endswith(".png"):
-                logger.log_image(key=f"plots/{key}", images=[str(path)])
-    logger.finalize("success")
-    finish_loggers()
-
-
-def finish_loggers() -> None:
-    """Close a W&B run even after a crash, so the next job of a multirun starts cleanly."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
-
-
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("max_epochs", None)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return kwargs
-
-
-def stage_epochs(cfg: DictConfig, stage: str) -> int:
-    """``trainer.max_epochs`` (when set) overrides every stage's ``method.epochs.<stage>``."""
-    if cfg.trainer.get("max_epochs") is not None:
-        return int(cfg.trainer.max_epochs)
-    return int(cfg.method.epochs[stage])
-
-
-def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, epochs: int) -> L.Trainer:
-    ckpt_dir = stage_dir(out_dir, stage) / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-{epoch:02d}",
-        monitor="val/acc",
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-    )
-    callbacks: list[Any] = [checkpoint]
-    logger = make_logger(cfg, out_dir, stage)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
-    return L.Trainer(
-        max_epochs=epochs,
-        default_root_dir=str(stage_dir(out_dir, stage)),
-        logger=logger,
+    loggers = {
+        name: instantiate(c, _partial_=True)
+        for name, c in (cfg.get("logger") or {}).items()
+        if c is not None and "_target_" in c
+    }
+    checkpoint = cfg.callbacks.model_checkpoint
+    return LightningFactories(
+        trainer=instantiate(trainer_cfg, _partial_=True),
         callbacks=callbacks,
-        **trainer_kwargs(cfg),
+        loggers=loggers,
+        monitor=Monitor(checkpoint.monitor, checkpoint.mode),
+        progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
+        log_group=log_group,
     )
 
 
-def resume_path(explicit: str | None, out_dir: Path, stage: str) -> str | None:
-    """Explicit ``ckpt_path`` first, else this stage's own ``last.ckpt`` from an interrupted run."""
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={path} does not exist; give a Lightning .ckpt file")
-        return str(path)
-    last = stage_dir(out_dir, stage) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes every ``.ckpt`` under a temporary name, then renames: no truncated checkpoints."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
-def fit(
-    cfg: DictConfig,
-    out_dir: Path,
+class StepSeed(Callback):
+    """Seeds torch from (stage seed, global step) before every step: dropout and other
+    randomness inside a step is then the same in a resumed stage as in an uninterrupted one."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        torch.manual_seed(self.seed * 1_000_003 + trainer.global_step)
+
+
+def stage_callbacks(factories: LightningFactories, ckpt_dir: Path, seed: int, logged: bool):
+    """Fresh callbacks for one stage; checkpoints go to the stage's own folder."""
+    callbacks: list[Callback] = [StepSeed(seed)]
+    for name, factory in factories.callbacks.items():
+        cls = getattr(factory, "func", None)
+        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+            callbacks.append(factory(dirpath=str(ckpt_dir)))
+        elif isinstance(cls, type) and issubclass(cls, ProgressBar) and not factories.progress_bar:
+            continue
+        elif isinstance(cls, type) and issubclass(cls, LearningRateMonitor) and not logged:
+            continue
+        else:
+            callbacks.append(factory())
+    return callbacks
+
+
+def checkpoint_position(path: Path) -> tuple[int, int, dict]:
+    """(epoch, global step, dwskd metadata) of a Lightning checkpoint, read without its code."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0)), ckpt.get("dwskd", {})
+
+
+def check_checkpoint(path: Path, stage: str, module: L.LightningModule, option: str) -> None:
+    """Refuse a checkpoint of another stage or of other models, naming ``option`` and both."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    meta = ckpt.get("dwskd") or {}
+    if meta.get("stage") not in (None, stage):
+        raise ResumeError(
+            f"{option}={path} is a checkpoint of the '{meta['stage']}' stage, but the stage to "
+            f"resume is '{stage}'. Give a .ckpt from stages/{stage}/checkpoints/ or drop {option}."
+        )
+    own = module.state_dict()
+    theirs = ckpt.get("state_dict", {})
+    wrong = [k for k in own if k in theirs and theirs[k].shape != own[k].shape]
+    missing = [k for k in own if k not in theirs and not k.startswith("teacher.")]
+    if wrong or missing:
+        raise ResumeError(
+            f"{option}={path} does not fit the '{stage}' stage's models: {len(missing)} missing "
+            f"keys (e.g. {missing[:3]}), {len(wrong)} with other shapes (e.g. {wrong[:3]}). "
+            "Was it written by a run with another model/method/data? Drop the option or fix it."
+        )
+
+
+def fit_stage(
+    factories: LightningFactories,
+    run_dir: RunDirectory,
     stage: str,
     module: L.LightningModule,
     datamodule: Any,
     epochs: int,
+    seed: int,
     explicit_ckpt: str | None = None,
-) -> None:
-    """Fit ``module`` for one stage and restore its best-on-validation weights."""
-    trainer = build_trainer(cfg, out_dir, stage, epochs)
-    ckpt = resume_path(explicit_ckpt, out_dir, stage)
-    if ckpt:
-        log.info("stage %s: resuming from %s", stage, ckpt)
+) -> dict[str, Any]:
+    """Fit ``module`` for one stage (resuming when a checkpoint exists); keep its best weights."""
+    layout = run_dir.layout
+    ckpt = Path(explicit_ckpt) if explicit_ckpt else layout.last_checkpoint(stage)
+    resume = ckpt if ckpt.is_file() else None
+    keep_until = None
+    if explicit_ckpt and resume is None:
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist; give a Lightning .ckpt file.")
+    if resume is not None:
+        check_checkpoint(resume, stage, module, "ckpt_path" if explicit_ckpt else "last.ckpt")
+        epoch, step, _ = checkpoint_position(resume)
+        keep_until = (epoch, step)
+        run_dir.note_resume(stage, epoch + 1, step)
+        log.info("stage %s: resuming from %s (epoch %d done)", stage, resume, epoch)
+    loggers = stage_logging.stage_loggers(
+        factories.loggers, layout.root, stage, factories.log_group, keep_until
+    )
+    callbacks = stage_callbacks(factories, layout.checkpoint_dir(stage), seed, bool(loggers))
+    trainer = factories.trainer(
+        max_epochs=epochs,
+        default_root_dir=str(layout.stage_dir(stage)),
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     finally:
-        finish_loggers()
-    best = trainer.checkpoint_callback.best_model_path
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+        stage_logging.finish_loggers()
+    return restore_best(trainer, module)
 
 
-def evaluate(cfg: DictConfig, module: L.LightningModule, datamodule: Any, split: str) -> dict:
-    """Validate or test in one process (exact metrics and predictions, even after DDP training)."""
-    trainer = L.Trainer(
+def restore_best(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """Load the best checkpoint's weights into ``module``; say which epoch that was."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    facts: dict[str, Any] = {"epochs_trained": int(trainer.current_epoch)}
+    if best and os.path.isfile(best):
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"])
+        facts["best_epoch"] = int(ckpt.get("epoch", -1))
+        score = trainer.checkpoint_callback.best_model_score
+        facts["best_score"] = None if score is None else float(score)
+    return facts
+
+
+@dataclass
+class Evaluation:
+    """Predictions of every model on one split and their metrics (flat, no prefix)."""
+
+    probs: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    metrics: dict[str, dict[str, Any]]
+
+
+def evaluate(
+    factories: LightningFactories, module: L.LightningModule, loader: Any, class_names: list[str]
+) -> Evaluation:
+    """Predict ``loader`` in one process (exact, even after DDP training) and score each model."""
+    trainer = factories.trainer(
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
         logger=False,
+        callbacks=[],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=None,
-        **{k: v for k, v in trainer_kwargs(cfg).items() if k in _EVAL_TRAINER_KEYS},
     )
-    run = trainer.validate if split == "val" else trainer.test
-    run(module, datamodule=datamodule, verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    batches = trainer.predict(module, dataloaders=loader)
+    targets = torch.cat([b["targets"] for b in batches])
+    probs = {name: torch.cat([b["probs"][name] for b in batches]) for name in batches[0]["probs"]}
+    metrics = {}
+    for name, p in probs.items():
+        collection = classification_metrics(len(class_names))
+        collection.update(p, targets)
+        metrics[name] = flatten_metrics(collection.compute(), class_names)
+    return Evaluation(probs, targets, metrics)
+
+
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -31,7 +31,7 @@ TINY = [
     "trainer.limit_train_batches=3",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "eval.latency_repeats=2",
+    "eval.latency_seconds=0.05",
 ]
 
 

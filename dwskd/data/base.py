@@ -6,8 +6,7 @@ limiting class sizes, augmenting, balancing and describing the data live here on
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,7 +14,7 @@ import cv2
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dwskd.data.checks import SPLITS, DataError, check_several_classes, require_choice
 from dwskd.data.splits import groups_from_regex, stratified_split
@@ -79,17 +78,24 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 class ImageDataset(Dataset):
-    """Applies an albumentations pipeline to uint8 images; ``views=2`` stacks two draws."""
+    """Applies an albumentations pipeline to uint8 images; ``views=2`` stacks two draws.
+
+    An item may be ``(index, seed)`` (from :class:`EpochSampler`): the augmentation is then
+    drawn from that seed, so a sample's augmentation depends only on (loader seed, epoch,
+    position) and a resumed stage sees exactly the batches an uninterrupted one would.
+    """
 
     def __init__(self, data: SplitData, transform: Any, views: int = 1) -> None:
         self.data, self.transform, self.views = data, transform, views
-        self._seeded_for: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.data.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        self._seed_transform()
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index = item
+        if isinstance(item, tuple):
+            index, seed = item
+            self.transform.set_random_seed(seed)
         image = self.data.images[index]
         if self.views == 1:
             x = self.transform(image=image)["image"]
@@ -97,18 +103,37 @@ class ImageDataset(Dataset):
             x = torch.stack([self.transform(image=image)["image"] for _ in range(self.views)])
         return x, int(self.data.labels[index])
 
-    def _seed_transform(self) -> None:
-        """Seed albumentations from torch's RNG once per process/worker.
 
-        albumentations keeps its own RNG, which ``seed_everything`` does not reach. Drawing
-        its seed from torch makes runs reproducible, gives each DataLoader worker (seeded
-        apart by torch) its own stream, and each new loader (a new stage) fresh draws.
-        """
-        info = torch.utils.data.get_worker_info()
-        key = (os.getpid(), info.id if info is not None else -1)
-        if self._seeded_for != key:
-            self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-            self._seeded_for = key
+class EpochSampler(DistributedSampler):
+    """Training order and per-sample augmentation seeds as a pure function of (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every epoch, so order and augmentation survive a
+    resume exactly. ``weights`` draws class-balanced samples with replacement. It is a
+    ``DistributedSampler`` (one shard per rank), which Lightning therefore leaves in place.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        weights: np.ndarray | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+        n = len(self.dataset)
+        if self.weights is None:
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=generator)
+        pairs = list(zip(order.tolist(), seeds.tolist(), strict=True))
+        pairs += pairs[: self.total_size - n]  # pad so every rank gets as many samples
+        return iter(pairs[self.rank : self.total_size : self.num_replicas])
 
 
 class BaseDataModule(pl.LightningDataModule):
@@ -153,6 +178,8 @@ class BaseDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self._splits: dict[str, SplitData] | None = None
         self._val_from_train = False
+        # Seed of the training order and augmentation; the pipeline sets it for each stage.
+        self.loader_seed = int(seed)
 
     # -- to implement ---------------------------------------------------------------------
     def _load_splits(self) -> tuple[dict[str, SplitData], list[str]]:
@@ -270,11 +297,10 @@ class BaseDataModule(pl.LightningDataModule):
         else:
             transform = eval_transform(self.img_size, self.mean, self.std)
         dataset = ImageDataset(data, transform, self.views if train else 1)
-        sampler = self._balanced_sampler(data.labels) if train else None
+        sampler = self._train_sampler(dataset, data.labels) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -282,10 +308,13 @@ class BaseDataModule(pl.LightningDataModule):
             drop_last=train and len(dataset) > self.batch_size,
         )
 
-    def _balanced_sampler(self, labels: np.ndarray) -> WeightedRandomSampler | None:
-        """With ``balance=sampler``: draw classes equally often (with replacement)."""
-        if self.balance != "sampler":
-            return None
-        counts = np.bincount(labels, minlength=self.num_classes)
-        weights = 1.0 / counts[labels]
-        return WeightedRandomSampler(weights.tolist(), num_samples=len(labels), replacement=True)
+    def _train_sampler(self, dataset: Dataset, labels: np.ndarray) -> EpochSampler:
+        """Seeded order (class-balanced with ``balance=sampler``), one shard per DDP rank."""
+        weights = None
+        if self.balance == "sampler":
+            counts = np.bincount(labels, minlength=self.num_classes)
+            weights = 1.0 / counts[labels]
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return EpochSampler(dataset, self.loader_seed, weights, num_replicas=world, rank=rank)

@@ -1,0 +1,481 @@
+"""The one owner of a run directory: where every file lives, who may write there, what has run.
+
+Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
+
+    .hydra/{config,overrides,hydra}.yaml    written by dwskd once the run is accepted
+    run.lock                                held (flock) by the process running here; names it
+    record.json                             config the run started with, its fingerprint, resumes
+    stages/<stage>/done.json                a finished stage: seed, config fingerprint, exports
+    stages/<stage>/<model>.safetensors      the stage's exported weights (best on validation)
+    stages/<stage>/checkpoints/             last.ckpt + best.ckpt, only while the stage runs
+    logs/<stage>/metrics.csv                one CSV log per stage (kept across resumes)
+    metrics.json, report.md, plots/         the results; metrics.json marks a finished run
+
+Policy: a finished run (``metrics.json``) is never touched again; a run dir is used by one
+process at a time; a stopped run resumes only with the config it started with (the keys in
+``IGNORED_KEYS`` aside) unless ``resume.allow_config_changes=true``; every file is written
+under a temporary name and renamed, so a crash or a full disk leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LAYOUT_VERSION = 2
+STAGES = ("teacher", "select", "train", "finetune")
+# Each stage draws its randomness from seed + this offset (documented in README "Seeds").
+STAGE_SEED_OFFSETS = {"teacher": 0, "select": 1, "train": 2, "finetune": 3}
+# Keys that change how a run is logged or shown, never what it computes: a resume may change them.
+IGNORED_KEYS = (
+    "logger",
+    "callbacks.progress_bar",
+    "callbacks.lr_monitor",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "ckpt_path",
+    "resume",
+    "checkpoint.keep",
+    "optimized_metric",
+    "paths.output_root",
+)
+
+
+class RunDirError(RuntimeError):
+    """A run dir that cannot be used as asked; nothing in it was changed."""
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------- atomic files
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` then rename tmp to ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------- config records
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": leaf}; lists are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def relevant(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config without the keys that only change logging or display."""
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if not any(k == i or k.startswith(f"{i}.") for i in IGNORED_KEYS)
+    }
+
+
+def fingerprint(config: Mapping[str, Any]) -> str:
+    """Short hash of what a config computes (ignored keys left out)."""
+    text = json.dumps(relevant(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list]:
+    """{key: [old value, new value]} for every relevant key that differs (absent = None)."""
+    before, after = relevant(old), relevant(new)
+    keys = sorted(before.keys() | after.keys())
+    return {k: [before.get(k), after.get(k)] for k in keys if before.get(k) != after.get(k)}
+
+
+# ------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run directory; the only place that spells them out."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def record_json(self) -> Path:
+        return self.root / "record.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def hydra_dir(self) -> Path:
+        return self.root / ".hydra"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / "stages" / stage
+
+    def done_json(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "done.json"
+
+    def weights(self, stage: str, model: str) -> Path:
+        return self.stage_dir(stage) / f"{model}.safetensors"
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def last_checkpoint(self, stage: str) -> Path:
+        return self.checkpoint_dir(stage) / "last.ckpt"
+
+    def logs_dir(self, stage: str) -> Path:
+        return self.root / "logs" / stage
+
+    def metrics_csv(self, stage: str) -> Path:
+        return self.logs_dir(stage) / "metrics.csv"
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics_json.is_file()
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        """The record of a finished stage, or None while it still has to run."""
+        return read_json(self.done_json(stage))
+
+    def stage_of_checkpoint(self, path: Path) -> str | None:
+        """Which stage of this run a ``.ckpt`` path belongs to (None: not one of ours)."""
+        resolved = Path(path).resolve()
+        for stage in STAGES:
+            if resolved.parent == self.checkpoint_dir(stage).resolve():
+                return stage
+        return None
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    return int(seed) + STAGE_SEED_OFFSETS[stage]
+
+
+def finished_layout(run_dir: Path) -> RunLayout:
+    """The layout of a finished run, for readers (aggregation, reports); refuses other dirs."""
+    layout = RunLayout(Path(run_dir))
+    if not layout.finished:
+        raise RunDirError(f"{run_dir} holds no metrics.json: the run has not finished.")
+    return layout
+
+
+# ------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive ``flock`` on ``run.lock``: released by the OS even when the holder is killed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "unknown process"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path.parent} is in use by another dwskd run ({holder}). Wait for it to "
+                "finish or stop that process; to run in parallel choose another hydra.run.dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ------------------------------------------------------------------------- opening a run
+def refuse_finished(layout: RunLayout) -> None:
+    if layout.finished:
+        raise RunDirError(
+            f"{layout.metrics_json} exists: this run is complete and dwskd never overwrites "
+            "results. Start a new run (a new hydra.run.dir) or move the old one away."
+        )
+
+
+def check_resumable(layout: RunLayout, config: Mapping[str, Any], allow_changes: bool) -> dict:
+    """Refuse a stopped run whose config differs (or that an older dwskd made); return changes."""
+    record = read_json(layout.record_json)
+    if record is None:
+        if (layout.root / "stages").is_dir():
+            raise RunDirError(
+                f"{layout.root} holds stages of a run made by an older dwskd (no record.json); "
+                "it cannot be resumed safely. Start a new run in a new hydra.run.dir."
+            )
+        return {}
+    changes = config_changes(record["config"], config)
+    if changes and not allow_changes:
+        listed = "\n  ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise RunDirError(
+            f"{layout.root} is a stopped run started with another config:\n  {listed}\n"
+            "Resume with the same options, start a new run (a new hydra.run.dir), or add "
+            "resume.allow_config_changes=true to resume with these changes (they are recorded)."
+        )
+    return changes
+
+
+class RunDirectory:
+    """A run dir held by this process: the lock, the record, stage bookkeeping.
+
+    Opening only refuses or locks; :meth:`start` (once the options are checked) writes the
+    record and ``.hydra`` files. A run that stops before ``start`` leaves nothing behind.
+    """
+
+    def __init__(
+        self, layout: RunLayout, lock: RunLock | None, record: dict[str, Any] | None
+    ) -> None:
+        self.layout, self.lock, self.record = layout, lock, record
+        self.started = False
+
+    @property
+    def writer(self) -> bool:
+        """Only the process holding the lock writes (DDP ranks > 0 compute, never write)."""
+        return self.lock is not None
+
+    def start(
+        self,
+        config: Mapping[str, Any],
+        command: str,
+        changes: Mapping[str, Any],
+        hydra_files: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record this start (first start, or a restart with its config changes)."""
+        self.started = True
+        if not self.writer:
+            return
+        if self.record is None:
+            self.record = {
+                "layout": LAYOUT_VERSION,
+                "command": command,
+                "started": now_iso(),
+                "fingerprint": fingerprint(config),
+                "config": dict(config),
+            }
+            for name, text in (hydra_files or {}).items():
+                write_text(self.layout.hydra_dir / name, text)
+        else:
+            restart = {"time": now_iso(), "command": command, "config_changes": dict(changes)}
+            self.record.setdefault("restarts", []).append(restart)
+        self._save_record()
+
+    def note_resume(self, stage: str, epoch: int, step: int) -> None:
+        entry = {"stage": stage, "epoch": int(epoch), "global_step": int(step), "time": now_iso()}
+        self.record.setdefault("stage_resumes", []).append(entry)
+        self._save_record()
+
+    def resumes(self) -> list[dict[str, Any]]:
+        """Every resume of this run: restarts of the command and the stages they resumed."""
+        record = self.record or {}
+        return [*record.get("restarts", []), *record.get("stage_resumes", [])]
+
+    def _save_record(self) -> None:
+        if self.writer and self.record is not None:
+            write_json(self.layout.record_json, self.record)
+
+    def close(self) -> None:
+        if self.lock is None:
+            return
+        fresh = self.record is None
+        self.lock.release()
+        if fresh:  # refused before anything was written: leave no lock file behind
+            self.layout.lock_file.unlink(missing_ok=True)
+
+
+def open_run_dir(root: Path, *, writer: bool = True) -> RunDirectory:
+    """Refuse ``root`` (finished, or in use) having changed nothing, or lock it for this run."""
+    layout = RunLayout(Path(root))
+    refuse_finished(layout)
+    if not writer:
+        return RunDirectory(layout, None, read_json(layout.record_json))
+    lock = RunLock(layout.lock_file)
+    lock.acquire()
+    try:
+        refuse_finished(layout)  # it may have finished while we were starting
+    except BaseException:
+        lock.release()
+        raise
+    return RunDirectory(layout, lock, read_json(layout.record_json))
+
+
+@contextlib.contextmanager
+def opened_run_dir(root: Path, *, writer: bool = True) -> Iterator[RunDirectory]:
+    run_dir = open_run_dir(root, writer=writer)
+    try:
+        yield run_dir
+    finally:
+        run_dir.close()
+
+
+def remove_checkpoints(layout: RunLayout, stage: str) -> None:
+    """Drop a finished stage's Lightning checkpoints (its exports hold the weights)."""
+    shutil.rmtree(layout.checkpoint_dir(stage), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- stage runner
+@dataclass
+class StageOutput:
+    """What a stage hands on: its models, the facts to record, and models kept by reference."""
+
+    models: dict[str, Any]
+    facts: dict[str, Any]
+    references: dict[str, Path] | None = None  # model -> outside weights file used unchanged
+    extra_exports: dict[str, Any] | None = None  # exported but not handed on (EMA weights)
+
+
+class StageRunner:
+    """One runner for every stage: load its finished exports, or fit, export and record it.
+
+    ``blank()`` builds the stage's models with any weights (they are overwritten on load);
+    ``fit()`` trains them and returns a :class:`StageOutput`. ``load_reference(model, path)``
+    loads a referenced outside file the way the stage first loaded it.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        config: Mapping[str, Any],
+        seed: int,
+        *,
+        keep_checkpoints: bool = False,
+        load_reference: Callable[[Any, Path], Any] | None = None,
+    ) -> None:
+        self.run_dir, self.layout = run_dir, run_dir.layout
+        self.config, self.seed = dict(config), int(seed)
+        self.keep_checkpoints, self.load_reference = keep_checkpoints, load_reference
+
+    def seed_of(self, stage: str) -> int:
+        return stage_seed(self.seed, stage)
+
+    def run(
+        self, stage: str, blank: Callable[[], dict[str, Any]], fit: Callable[[], StageOutput]
+    ) -> StageOutput:
+        record = self.layout.stage_record(stage)
+        if record is not None:
+            models = blank()
+            self._load(stage, record, models)
+            return StageOutput(models, record.get("facts", {}))
+        import lightning as L  # noqa: PLC0415 - Lightning only where training happens
+
+        L.seed_everything(self.seed_of(stage), workers=True)
+        output = fit()
+        exports = self._export(stage, output)
+        record = {
+            "stage": stage,
+            "seed": self.seed_of(stage),
+            "fingerprint": fingerprint(self.config),
+            "config": self.config,
+            "finished": now_iso(),
+            "exports": exports,
+            "facts": output.facts,
+        }
+        if self.run_dir.writer:
+            write_json(self.layout.done_json(stage), record)
+            if not self.keep_checkpoints:
+                remove_checkpoints(self.layout, stage)
+        return output
+
+    def _export(self, stage: str, output: StageOutput) -> dict[str, dict[str, str]]:
+        """Save each model's weights (atomically), or record the outside file it came from."""
+        references = output.references or {}
+        exports: dict[str, dict[str, str]] = {}
+        to_save = {**output.models, **(output.extra_exports or {})}
+        for name, model in to_save.items():
+            if name in references:
+                path = Path(references[name]).resolve()
+                exports[name] = {"reference": str(path), "sha256": file_sha256(path)}
+                continue
+            path = self.layout.weights(stage, name)
+            if self.run_dir.writer:
+                save_weights(model, path)
+            exports[name] = {"file": path.name}
+        return exports
+
+    def _load(self, stage: str, record: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+        for name, model in models.items():
+            entry = record["exports"][name]
+            if "reference" in entry:
+                path = Path(entry["reference"])
+                if not path.is_file() or file_sha256(path) != entry["sha256"]:
+                    raise RunDirError(
+                        f"stage {stage} of {self.layout.root} used {path} (sha256 "
+                        f"{entry['sha256'][:12]}...), which is missing or has changed since. "
+                        "Restore that file or start a new run."
+                    )
+                self.load_reference(model, path)
+            else:
+                load_weights(model, self.layout.stage_dir(stage) / entry["file"])
+
+
+def save_weights(model: Any, path: Path) -> Path:
+    """A model's plain state dict as safetensors (loadable by timm and ``teacher.file``)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_weights(model: Any, path: Path) -> Any:
+    """Load one of this run's own exports (strict: same architecture by construction)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
