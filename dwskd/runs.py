@@ -479,3 +479,8 @@ def load_weights(model: Any, path: Path) -> Any:
 
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """``metrics.json`` of a finished run, of this layout or an older one (same file name)."""
+    return json.loads(finished_layout(run_dir).metrics_json.read_text())

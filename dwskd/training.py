@@ -115,9 +115,24 @@ class StepSeed(Callback):
         torch.manual_seed(self.seed * 1_000_003 + trainer.global_step)
 
 
+class FlushLoggers(Callback):
+    """Write buffered log rows at each checkpoint and epoch start, so a SIGKILL loses no row
+    of an epoch that a checkpoint already covers (Lightning flushes every 100 steps only)."""
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, *args: Any) -> None:
+        self._flush(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._flush(trainer)
+
+
 def stage_callbacks(factories: LightningFactories, ckpt_dir: Path, seed: int, logged: bool):
     """Fresh callbacks for one stage; checkpoints go to the stage's own folder."""
-    callbacks: list[Callback] = [StepSeed(seed)]
+    callbacks: list[Callback] = [StepSeed(seed), FlushLoggers()]
     for name, factory in factories.callbacks.items():
         cls = getattr(factory, "func", None)
         if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dwskd.runs import RunLayout, read_results
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -52,13 +54,14 @@ class Row:
 
 # ------------------------------------------------------------------------- collecting
 def find_runs(root: Path) -> list[Path]:
-    return sorted(Path(root).glob("*/*/*/s*/metrics.json"))
+    """Finished run dirs of a sweep laid out as <scenario>/<dataset>/<method>/s<seed>."""
+    return sorted(d for d in Path(root).glob("*/*/*/s*") if RunLayout(d).finished)
 
 
 def rows_of_run(path: Path) -> list[Row]:
     """The deployed model's row, plus each student and the ensemble where there are two."""
-    scenario, dataset, method, seed_dir = path.parent.parts[-4:]
-    results = json.loads(path.read_text())
+    scenario, dataset, method, seed_dir = path.parts[-4:]
+    results = read_results(path)
     models, deployed = results["models"], results["deployed"]
     wall = results.get("run", {}).get("wall_time_s")
     names = {"deployed": deployed}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dwskd.machine import machine_info, now_iso
+from dwskd.runs import RunLayout, read_results
 from experiments.aggregate import mean_std, pct
 from experiments.common import (
     REPO,
@@ -39,12 +40,12 @@ from experiments.paper import (
     FULL,
     QUICK,
     RUNNERS,
-    TEACHER_WEIGHTS,
     Budget,
     Job,
     check_overrides,
     job_overrides,
     run_jobs,
+    teacher_weights,
 )
 from experiments.paper import log as paper_log
 
@@ -123,7 +124,7 @@ def teacher_overrides(plan: Plan, name: str, seed: int) -> tuple[list[str], Path
         source = plan.paper_root / "in_domain" / plan.dataset / "teacher" / f"s{seed}"
     else:
         source = run_dir(plan, variant.teacher, seed)
-    weights = source / TEACHER_WEIGHTS
+    weights = teacher_weights(source)
     return ["teacher.source=file", f"teacher.file={weights}", "method.epochs.teacher=0"], weights
 
 
@@ -162,7 +163,7 @@ def missing_paper_teachers(jobs: Sequence[Job], plan: Plan) -> list[Path]:
 # ---------------------------------------------------------------------------- the table
 def val_metrics(run: Path) -> dict[str, dict[str, float]]:
     """Validation metrics per model of one finished run (never its test metrics)."""
-    results = json.loads((run / "metrics.json").read_text())
+    results = read_results(run)
     models = results["models"]
     if any("val" not in entry for entry in models.values()):
         raise SystemExit(f"{run}/metrics.json has no val metrics: it was made by an older dwskd.")
@@ -177,7 +178,7 @@ def summarise(plan: Plan) -> list[dict]:
     records = []
     for name in plan.variants:
         runs = [run_dir(plan, name, s) for s in plan.seeds]
-        done = [val_metrics(r) for r in runs if (r / "metrics.json").is_file()]
+        done = [val_metrics(r) for r in runs if RunLayout(r).finished]
         for model in MODELS:
             values = [d[model] for d in done if model in d]
             if not values:

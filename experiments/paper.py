@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dwskd.machine import machine_info, now_iso
+from dwskd.runs import RunLayout
 from experiments import aggregate
 from experiments.common import (
     METHODS,
@@ -51,7 +52,6 @@ SCENARIOS = ("in_domain", "transfer")
 # Source of each target's transfer teacher. Chosen so that the label spaces differ (2 vs 4
 # classes): timm's loader then drops the source head and the target head starts from scratch.
 TRANSFER_SOURCE = {"chest_xray": "brain_mri", "lung_ct": "brain_mri", "brain_mri": "chest_xray"}
-TEACHER_WEIGHTS = Path("stages/teacher/teacher.safetensors")
 FORBIDDEN_OVERRIDES = ("trainer.max_epochs", "hydra.run.dir", "method.epochs")
 
 
@@ -112,7 +112,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "metrics.json").is_file()
+        return RunLayout(self.run_dir).finished
 
     def argv(self) -> list[str]:
         return [*self.overrides, f"hydra.run.dir={self.run_dir}"]
@@ -122,6 +122,11 @@ class Job:
 
 
 # ---------------------------------------------------------------------------- the plan
+def teacher_weights(run_dir: Path) -> Path:
+    """The exported teacher of a finished ``method=teacher`` job (what students select from)."""
+    return RunLayout(run_dir).weights("teacher", "teacher")
+
+
 def run_dir(out: Path, scenario: str, dataset: str, method: str, seed: int) -> Path:
     return out / scenario / dataset / method / f"s{seed}"
 
@@ -169,7 +174,7 @@ def teacher_overrides(
         epochs = budget.transfer_epochs
     else:  # a student: the scenario's shared teacher, not trained again
         source_dir, epochs = teacher_job_dir(settings, scenario, dataset, seed), 0
-    weights = source_dir / TEACHER_WEIGHTS
+    weights = teacher_weights(source_dir)
     overrides = [
         "teacher.source=file",
         f"teacher.file={weights}",

@@ -73,3 +73,28 @@ def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Pat
     n_classes = {"chest_xray": 2, "lung_ct": 2, "brain_mri": 4, "pneumoniamnist": 2}[data]
     assert len(test["confmat"]) == n_classes
     assert sum(map(sum, test["confmat"])) > 0
+
+
+@pytest.mark.slow
+def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
+    """The SLURM launcher's plugin and code path (submitit), through its local executor."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "dwskd.run",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "method=scratch",
+        "seed=1,2",
+        "eval.latency=false",
+        f"paths.output_root={tmp_path}",
+        *TINY,
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = sorted(tmp_path.glob("multirun/*/*/metrics.json"))
+    assert len(reports) == 2, done.stderr[-3000:]
+    assert {json.loads(p.read_text())["run"]["seed"] for p in reports} == {1, 2}
+    assert list(tmp_path.glob("multirun/*/.submitit/*/*_log.out")), "submitit did not run the jobs"

@@ -121,27 +121,39 @@ def test_rgb_in_gray_dataset_is_converted_and_channels3_replicates(tmp_path: Pat
     assert torch.equal(x3[gray_rows, 0], x3[gray_rows, 2])  # grayscale replicated
 
 
+def first_batch(dm, epoch: int = 0):
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # what Lightning does before every epoch
+    return next(iter(loader))
+
+
 def test_sampler_balance_and_two_views(tiny_root: Path) -> None:
     dm = folder_dm(tiny_root, balance="sampler", views=2, batch_size=200, val_fraction=0.25)
-    torch.manual_seed(0)
-    drawn = torch.cat([next(iter(dm.train_dataloader()))[1] for _ in range(20)])
-    x, _ = next(iter(dm.train_dataloader()))
+    drawn = torch.cat([first_batch(dm, epoch)[1] for epoch in range(20)])
+    x, _ = first_batch(dm)
     assert x.shape[1:] == (2, 1, 16, 16)
     assert not torch.equal(x[:, 0], x[:, 1])  # independently augmented views
     assert abs(drawn.float().mean().item() - 0.5) < 0.1  # 4 a vs 8 b, drawn ~50/50
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_augmentation_is_reproducible_under_torch_seed(tiny_root: Path, workers: int) -> None:
+def test_order_and_augmentation_are_a_function_of_seed_and_epoch(
+    tiny_root: Path, workers: int
+) -> None:
+    """What exact resume needs: no hidden RNG state, only (loader seed, epoch)."""
     dm = folder_dm(tiny_root, num_workers=workers)
-    batches = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        batches.append(next(iter(dm.train_dataloader())))
-    torch.manual_seed(8)
-    other = next(iter(dm.train_dataloader()))
-    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
-    assert not torch.equal(batches[0][0], other[0])
+    dm.loader_seed = 7
+    first, again = first_batch(dm, epoch=3), first_batch(dm, epoch=3)
+    torch.manual_seed(123)  # the global RNG plays no part
+    third = first_batch(dm, epoch=3)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[0], third[0])
+    assert torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], first_batch(dm, epoch=4)[0])
+    dm.loader_seed = 8
+    assert not torch.equal(first[0], first_batch(dm, epoch=3)[0])
+    in_process = folder_dm(tiny_root, num_workers=0)
+    in_process.loader_seed = 7
+    assert torch.equal(first[0], first_batch(in_process, epoch=3)[0])
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -192,6 +204,46 @@ def test_identical_files_across_splits_are_leakage(tiny_root: Path) -> None:
     with pytest.raises(DataError, match="leakage") as err:
         folder_dm(tiny_root).setup("fit")
     assert "a_0.png" in str(err.value) and "renamed.png" in str(err.value)
+
+
+def test_dangling_symlink_skip_counts_and_error_names_link_and_target(tiny_root: Path) -> None:
+    link = tiny_root / "train" / "a" / "gone.png"
+    link.symlink_to(tiny_root / "moved_away.png")
+    skip = folder_dm(tiny_root, bad_images="skip")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable.*gone\.png"):
+        skip.setup("fit")
+    assert skip.summary()["skipped_bad_images"] == 1
+    assert skip.summary()["skipped_files"] == [str(link)]
+    assert sum(skip.summary()["sizes"].values()) == 22
+    with pytest.raises(DataError, match=r"gone\.png.*missing target.*moved_away\.png"):
+        folder_dm(tiny_root, bad_images="error").setup("fit")
+
+
+def test_class_of_only_dangling_symlinks_has_no_readable_image(tiny_root: Path) -> None:
+    for i in range(2):
+        (tiny_root / "test" / "c" / f"x{i}.png").parent.mkdir(exist_ok=True)
+        (tiny_root / "test" / "c" / f"x{i}.png").symlink_to(tiny_root / f"missing{i}.png")
+    write_image(tiny_root / "train" / "c" / "c_0.png", seed=700)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        with pytest.raises(DataError, match=r"No readable image left.*test[/\\]c"):
+            folder_dm(tiny_root, bad_images="skip").setup("fit")
+
+
+def test_identical_files_in_two_classes_of_a_split_are_an_error(tiny_root: Path) -> None:
+    shutil.copy(tiny_root / "train" / "a" / "a_1.png", tiny_root / "train" / "b" / "other.png")
+    with pytest.raises(DataError, match="more than one class folder") as err:
+        folder_dm(tiny_root).setup("fit")
+    message = str(err.value)
+    assert str(tiny_root / "train" / "a" / "a_1.png") in message
+    assert str(tiny_root / "train" / "b" / "other.png") in message
+    assert "one class folder" in message and "two labels" in message
+
+
+def test_identical_files_in_one_class_are_allowed(tiny_root: Path) -> None:
+    shutil.copy(tiny_root / "train" / "a" / "a_1.png", tiny_root / "train" / "a" / "again.png")
+    dm = folder_dm(tiny_root)
+    dm.setup("fit")
+    assert sum(dm.summary()["sizes"].values()) == 23
 
 
 @pytest.mark.parametrize(

@@ -44,9 +44,16 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     assert saved["deployed"] in ("student_a", "student_b")
     assert (out / "report.md").read_text().count("student_a") >= 1
     plots = {p.name for p in (out / "plots").glob("*.png")}
-    assert {"confmat_student_a.png", "roc_teacher.png", "learning_curves.png"} <= plots, plots
-    assert list((out / "stages" / "train" / "checkpoints").glob("best-*.ckpt"))
-    assert (out / "stages" / "train" / "checkpoints" / "last.ckpt").is_file()
+    expected = {"confmat_student_a.png", "roc_teacher.png", "learning_curves_train.png"}
+    assert expected | {"learning_curves_teacher.png", "learning_curves_finetune.png"} <= plots
+    # Lean: each stage's best weights are exported and its Lightning checkpoints deleted.
+    assert not list(out.rglob("*.ckpt"))
+    assert {p.name for p in (out / "stages" / "train").glob("*.safetensors")} == {
+        "student_a.safetensors",
+        "student_b.safetensors",
+    }
+    deployed = saved["deployed"]
+    assert (out / "stages" / "finetune" / f"{deployed}.safetensors").is_file()
 
 
 def test_validation_metrics_of_the_final_weights_are_saved(dwskd_run: tuple[Path, dict]) -> None:
@@ -58,7 +65,7 @@ def test_validation_metrics_of_the_final_weights_are_saved(dwskd_run: tuple[Path
     # The student that is not deployed keeps its train-stage weights, so its saved val
     # accuracy is the one the train stage measured when it chose which student to deploy.
     kept = "student_b" if results["deployed"] == "student_a" else "student_a"
-    train_val = results["run"]["stages"]["train"]["val_acc"][kept]
+    train_val = results["run"]["stages"]["train"]["val"][kept]["acc"]
     assert saved[kept]["val"]["acc"] == pytest.approx(train_val)
 
 
@@ -74,26 +81,36 @@ def test_dwskd_logs_every_loss_term_finite_per_student(dwskd_run: tuple[Path, di
 
 
 def test_selected_students_start_from_the_teacher(dwskd_run: tuple[Path, dict]) -> None:
+    """The select stage's students hold the teacher's even / odd channels (complementary)."""
     out, _ = dwskd_run
-    from safetensors.torch import load_file
+    from dwskd import pipeline, runs
 
-    a = load_file(str(out / "stages" / "select" / "student_a.safetensors"))
-    b = load_file(str(out / "stages" / "select" / "student_b.safetensors"))
-    teacher = load_file(str(out / "stages" / "teacher" / "teacher.safetensors"))
+    with runs.opened_run_dir(out / "copy") as run_dir:
+        ctx = pipeline.prepare(compose_config("teacher.source=fit"), run_dir)
+    from dwskd.models import create_model
+
+    teacher = create_model(ctx.cfg.teacher, **ctx.shape)
+    runs.load_weights(teacher, runs.RunLayout(out).weights("teacher", "teacher"))
+    a, b = pipeline.select_stage(ctx, teacher)
     key = "blocks.0.norm1.weight"
-    assert torch.equal(a[key], teacher[key][0::2])  # complementary uniform selection
-    assert torch.equal(b[key], teacher[key][1::2])
+    assert torch.equal(a.state_dict()[key], teacher.state_dict()[key][0::2])
+    assert torch.equal(b.state_dict()[key], teacher.state_dict()[key][1::2])
+    plans = json.loads(runs.RunLayout(out).done_json("select").read_text())["plans"]
+    assert plans["student_a"]["teacher_blocks"] == plans["student_b"]["teacher_blocks"]
 
 
 def test_rerun_in_same_directory_skips_finished_stages(dwskd_run: tuple[Path, dict]) -> None:
+    from dwskd.runs import RunDirError
+
     out, results = dwskd_run
-    with pytest.raises(FileExistsError, match="metrics.json"):
+    with pytest.raises(RunDirError, match="metrics.json"):
         run_pipeline(compose_config("teacher.source=fit"), out)
-    before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.ckpt")}
+    before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.safetensors")}
     (out / "metrics.json").rename(out / "metrics.first.json")
     again = run_pipeline(compose_config("teacher.source=fit"), out)
-    after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.ckpt")}
+    after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("*.safetensors")}
     assert before == after, "a finished stage was trained again"
+    assert not list((out / "logs").glob("*/metrics.csv.*")), "logs of finished stages rewritten"
     assert (
         again["models"]["student_a"]["test"]["acc"] == results["models"]["student_a"]["test"]["acc"]
     )
@@ -123,7 +140,8 @@ def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
 
 
 def test_ckpt_path_resumes_training(tmp_path: Path) -> None:
-    run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path / "first")
+    first = compose_config("method=scratch", "eval.latency=false", "checkpoint.keep=true")
+    run_pipeline(first, tmp_path / "first")
     last = tmp_path / "first" / "stages" / "train" / "checkpoints" / "last.ckpt"
     run_pipeline(
         compose_config(
@@ -189,21 +207,25 @@ def test_unknown_method_is_a_clear_config_error() -> None:
 
 
 def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
     cfg = compose_config(
-        "trainer=ddp_cpu", "teacher.source=random", "method.epochs.finetune=0", "eval.latency=false"
+        "trainer=ddp_cpu",
+        "teacher.source=random",
+        "method.epochs.finetune=0",
+        "eval.latency=false",
+        "checkpoint.ema=true",
     )
     results = run_pipeline(cfg, tmp_path)
     assert {"student_a", "student_b", "ensemble", "teacher"} <= set(results["models"])
-    ckpt = torch.load(
-        tmp_path / "stages" / "train" / "checkpoints" / "last.ckpt", weights_only=False
-    )
-    state = ckpt["state_dict"]
-    from safetensors.torch import load_file
-
-    key = "blocks.0.attn.qkv.weight"
-    initial = load_file(str(tmp_path / "stages" / "select" / "student_a.safetensors"))[key]
-    ema, student = state[f"ema.0.{key}"], state[f"students.0.{key}"]
-    assert not torch.equal(ema, initial), "the EMA teacher was not updated under DDP"
+    train = tmp_path / "stages" / "train"
+    key = "blocks.0.mlp.fc1.weight"
+    student = load_file(str(train / "student_a.safetensors"))[key]
+    ema = load_file(str(train / "ema_student_a.safetensors"))[key]
+    teacher = load_file(str(tmp_path / "stages" / "teacher" / "teacher.safetensors"))[key]
+    selected = teacher[0::2][:, 0::2]  # what student A started from (uniform, offset 0)
+    assert student.shape == ema.shape == selected.shape
+    assert not torch.equal(ema, selected), "the EMA teacher was not updated under DDP"
     assert not torch.equal(ema, student), "the EMA teacher should lag the student"
 
 
@@ -242,7 +264,7 @@ def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> 
     from safetensors.torch import save_file
 
     from dwskd.models import create_model
-    from dwskd.pipeline import Run, initial_teacher
+    from dwskd.pipeline import initial_teacher
 
     cfg = compose_config("teacher.source=file", f"teacher.head={head}")
     shape = {"num_classes": 4, "in_chans": 1, "img_size": 32}
@@ -250,7 +272,8 @@ def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> 
     path = tmp_path / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     cfg.teacher.file = str(path)
-    teacher = initial_teacher(Run(cfg=cfg, out_dir=tmp_path, datamodule=None, shape=shape))
+    teacher, head_changed = initial_teacher(cfg.teacher, shape)
+    assert head_changed == (head == "reinit")
     same_body = torch.equal(teacher.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     same_head = torch.equal(teacher.head.weight, source.head.weight)
     assert same_body

@@ -53,10 +53,29 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
 
 
 def is_image_file(path: Path) -> bool:
-    """Image files by extension; hidden files (.DS_Store, ._x.jpg) are never images."""
+    """Image files by extension; hidden files (.DS_Store, ._x.jpg) are never images.
+
+    A dangling symlink with an image name counts too: ``is_file()`` is False for it, so it
+    would otherwise vanish silently; kept, it fails to decode and meets ``data.bad_images``.
+    """
     return (
-        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+        (path.is_file() or is_dangling_link(path))
+        and not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_EXTENSIONS
     )
+
+
+def is_dangling_link(path: Path) -> bool:
+    """A symlink whose target is missing (or a symlink loop): nothing there to read."""
+    return path.is_symlink() and not path.exists()
+
+
+def link_target(path: Path) -> str:
+    """Where a symlink ends up, for messages; a loop is named as such instead of raising."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: symlink loop before Python 3.13
+        return f"{path.readlink()} (symlink loop)"
 
 
 def scan_split(split_dir: Path) -> dict[str, list[Path]]:
@@ -104,18 +123,77 @@ def file_digest(path: Path) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
 
 
-def check_no_leakage(files_by_split: Mapping[str, Sequence[Path]]) -> None:
-    """Identical files in two splits inflate test scores: error listing them."""
-    splits_of: dict[str, dict[str, Path]] = defaultdict(dict)
-    for split, paths in files_by_split.items():
-        for path in paths:
-            splits_of[file_digest(path)].setdefault(split, path)
-    leaks = [sorted(str(p) for p in by_split.values()) for by_split in splits_of.values()]
-    leaks = [group for group in leaks if len(group) > 1]
+def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
+    """Each readable file's digest, computed once for every duplicate check.
+
+    Files that cannot be read (dangling symlinks, permission errors) are left out: reading
+    them fails again at decode time, where ``data.bad_images`` decides to skip or stop.
+    """
+    digests = {}
+    for path in paths:
+        try:
+            digests[path] = file_digest(path)
+        except OSError:
+            continue
+    return digests
+
+
+def check_no_duplicates(files: Mapping[str, Mapping[str, Sequence[Path]]]) -> None:
+    """Hash every file once, then reject identical files in two classes or two splits.
+
+    ``files`` is ``{split: {class: paths}}``, as returned per split by ``scan_split``.
+    """
+    digests = file_digests(p for by_class in files.values() for ps in by_class.values() for p in ps)
+    check_single_label(files, digests)
+    check_no_leakage(
+        {s: [p for ps in by_class.values() for p in ps] for s, by_class in files.items()}, digests
+    )
+
+
+def check_single_label(
+    files: Mapping[str, Mapping[str, Sequence[Path]]], digests: Mapping[Path, str]
+) -> None:
+    """The same bytes in two class folders of one split would carry two labels: error listing them."""
+    conflicts = [group for by_class in files.values() for group in _spread(by_class, digests)]
+    if conflicts:
+        raise DataError(
+            f"{len(conflicts)} identical file(s) appear in more than one class folder of a split "
+            "(the same image would be trained or scored with two labels):"
+            f"{_listing(conflicts)}\nKeep each in the one class folder of its true label and "
+            "delete the other copies."
+        )
+
+
+def check_no_leakage(
+    files_by_split: Mapping[str, Sequence[Path]], digests: Mapping[Path, str] | None = None
+) -> None:
+    """Identical files in two splits inflate test scores: error listing them.
+
+    Pass the ``digests`` already computed (``file_digests``) so no file is hashed twice.
+    """
+    if digests is None:
+        digests = file_digests(p for paths in files_by_split.values() for p in paths)
+    leaks = _spread(files_by_split, digests)
     if leaks:
-        listed = "\n  ".join(" == ".join(group) for group in leaks[:_MAX_LISTED])
-        more = f"\n  ... and {len(leaks) - _MAX_LISTED} more" if len(leaks) > _MAX_LISTED else ""
         raise DataError(
             f"{len(leaks)} identical file(s) appear in more than one split (train/val/test "
-            f"leakage):\n  {listed}{more}\nRemove the copies from all but one split."
+            f"leakage):{_listing(leaks)}\nRemove the copies from all but one split."
         )
+
+
+def _spread(paths_by_key: Mapping[str, Sequence[Path]], digests: Mapping[Path, str]) -> list:
+    """Groups of identical files found under more than one key (split or class), one path per key."""
+    keys_of: dict[str, dict[str, Path]] = defaultdict(dict)
+    for key, paths in paths_by_key.items():
+        for path in paths:
+            if path in digests:
+                keys_of[digests[path]].setdefault(key, path)
+    groups = [sorted(str(p) for p in by_key.values()) for by_key in keys_of.values()]
+    return [group for group in groups if len(group) > 1]
+
+
+def _listing(groups: Sequence[Sequence[str]]) -> str:
+    """The first groups as ``a == b`` lines, then how many more (a message stays readable)."""
+    listed = "".join("\n  " + " == ".join(group) for group in groups[:_MAX_LISTED])
+    more = f"\n  ... and {len(groups) - _MAX_LISTED} more" if len(groups) > _MAX_LISTED else ""
+    return listed + more

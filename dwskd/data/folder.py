@@ -22,8 +22,10 @@ from dwskd.data.base import BaseDataModule, SplitData, fit_images
 from dwskd.data.checks import (
     DataError,
     check_class_sets,
-    check_no_leakage,
+    check_no_duplicates,
     find_split_dirs,
+    is_dangling_link,
+    link_target,
     require_choice,
     require_root,
     scan_split,
@@ -53,7 +55,13 @@ def _to_uint8(image: Image.Image, mode: str) -> np.ndarray:
 
 
 def _try_read(path: Path, img_size: int, channels: int) -> np.ndarray | Exception:
-    """read_image, returning the error instead of raising it (for a thread pool)."""
+    """read_image, returning the error instead of raising it (for a thread pool).
+
+    A dangling symlink gets an error naming its missing target: Pillow's would name only the
+    link, leaving the user to guess why a file that is listed "does not exist".
+    """
+    if is_dangling_link(path):
+        return FileNotFoundError(f"symlink to missing target {link_target(path)!r}")
     try:
         return read_image(path, img_size, channels)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -87,7 +95,9 @@ class ImageFolderDataModule(BaseDataModule):
     """Any ``<root>/<split>/<class>/*`` dataset; val is drawn from train when absent.
 
     ``bad_images``: ``skip`` (warn, count in ``summary()``) or ``error`` (raise naming the
-    file). ``download_hint`` is shown when the root is missing.
+    file), for undecodable images and dangling symlinks alike. Identical files in two class
+    folders of a split, or in two splits, always raise. ``download_hint`` is shown when the
+    root is missing.
     """
 
     def __init__(
@@ -107,7 +117,7 @@ class ImageFolderDataModule(BaseDataModule):
         require_root(root, self.download_hint)
         files = {split: scan_split(d) for split, d in find_split_dirs(root).items()}
         class_names = check_class_sets({s: list(by_class) for s, by_class in files.items()})
-        check_no_leakage({s: sum(by_class.values(), []) for s, by_class in files.items()})
+        check_no_duplicates(files)
         splits = {s: self._read_split(by_class, class_names) for s, by_class in files.items()}
         return splits, class_names
 
