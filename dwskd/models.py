@@ -7,8 +7,10 @@ rest of dwskd only ever sees ``nn.Module`` objects and plain state dicts.
 from __future__ import annotations
 
 import logging
+import math
+import pickle
+import re
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,30 +75,133 @@ def create_hub_model(
         ) from err
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors / .pth / .bin / Lightning .ckpt file into a flat tensor dict."""
+_FIX = (
+    "point {option} at a .safetensors/.pth/.ckpt weights file (a dwskd run writes its "
+    "trained teacher to <run dir>/stages/teacher/teacher.safetensors)."
+)
+_DWSKD_PARTS = re.compile(r"(students|ema)\.\d+\.|teacher\.")
+
+
+def read_state_dict(path: str | Path, *, option: str = "teacher.file") -> dict[str, torch.Tensor]:
+    """Read a .safetensors / .pth / .bin / Lightning .ckpt file into a flat tensor dict.
+
+    One reader for every format (timm's ``load_state_dict``: EMA weights first, then
+    ``state_dict`` / ``model``; DDP / compile prefixes stripped), always with
+    ``torch.load(weights_only=True)`` so that a file can never run code. Any file that is
+    not a state dict of tensors becomes a :class:`ModelConfigError` naming ``option``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelConfigError(
-            f"teacher.file={path} does not exist. Give the path of a .safetensors/.pth "
-            "weights file (for example stages/teacher/model.safetensors of an earlier run)."
+            f"{option}={path} does not exist or is not a file: " + _FIX.format(option=option)
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    state = _single_student(_load_checkpoint(path, option), path, option)
+    tensors = {_strip_prefixes(k): v for k, v in state.items() if torch.is_tensor(v)}
+    if not tensors:
+        raise ModelConfigError(
+            f"{option}={path} holds no weight tensors. Re-export it, or "
+            + _FIX.format(option=option)
+        )
+    return tensors
 
-        state = load_file(str(path))
+
+def _safe_checkpoint_globals() -> list[Any]:
+    """Data-only types that Lightning ``.ckpt`` files carry besides the weights.
+
+    ``save_hyperparameters`` pickles Hydra/OmegaConf configs and paths into
+    ``hyper_parameters``; unpickling these types only rebuilds data (their ``__setstate__``
+    updates ``__dict__``), so allowing them keeps ``weights_only=True`` from refusing a
+    genuine checkpoint without letting a file call anything else. timm adds
+    ``argparse.Namespace`` itself. User classes (structured-config dataclasses) stay refused.
+    """
+    import collections
+    import pathlib
+    import typing
+
+    # typing.List is the pickled object itself, not an annotation
+    allowed: list[Any] = [collections.defaultdict, typing.Any, (typing.List, "typing.List")]  # noqa: UP006
+    allowed += [bool, dict, float, int, list, str]  # type objects in OmegaConf metadata
+    allowed += [pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath]
+    allowed += [pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    try:
+        from omegaconf import DictConfig, ListConfig, base, nodes
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return allowed
+    allowed += [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata]
+    node_types = ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "PathNode")
+    allowed += [getattr(nodes, n) for n in node_types if hasattr(nodes, n)]
+    return allowed
+
+
+def _load_checkpoint(path: Path, option: str) -> dict[str, Any]:
+    """timm's loader, with every failure to parse the file turned into one clear error."""
+    from timm.models import load_state_dict
+
+    try:
+        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+            return load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except Exception as err:  # parsers of foreign bytes raise any type
+        raise ModelConfigError(_unreadable_message(path, option, err)) from err
+
+
+def _unreadable_message(path: Path, option: str, err: Exception) -> str:
+    """Say why the file failed, without suggesting ``weights_only=False`` as timm does."""
+    if isinstance(err.__cause__, pickle.UnpicklingError):  # timm re-raises it as RuntimeError
+        names = _refused_globals(path)
+        why = (
+            f"holds pickled Python objects beyond plain weights ({', '.join(names)})"
+            if names
+            else "is not a valid weights-only pickle"
+        )
+        why += "; dwskd reads files with torch.load(weights_only=True) and never runs their code"
+    elif path.stat().st_size == 0:
+        why = "is empty (an interrupted copy or export?)"
+    elif isinstance(err, AttributeError):  # timm's clean_state_dict on a non-mapping
+        why = "does not hold a state dict (a mapping of names to tensors)"
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping):
-        raise ModelConfigError(f"{path} holds no state dict (found {type(state).__name__}).")
-    return {_strip_prefixes(k): v for k, v in state.items() if torch.is_tensor(v)}
+        why = f"cannot be read as a weights file ({type(err).__name__}: {str(err)[:200]})"
+    return f"{option}={path} {' '.join(why.split())}. Re-export it, or " + _FIX.format(
+        option=option
+    )
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """The globals a checkpoint needs beyond torch's and our allowlist (empty for garbage)."""
+    allowed = {
+        item[1] if isinstance(item, tuple) else f"{item.__module__}.{item.__qualname__}"
+        for item in _safe_checkpoint_globals()
+    }
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # garbage bytes: nothing to list
+        return []
+    return sorted(name for name in found if name not in allowed)
+
+
+def _single_student(state: dict[str, Any], path: Path, option: str) -> dict[str, Any]:
+    """The one student of a dwskd ``.ckpt`` (``students.0.*``), prefix stripped.
+
+    A dwskd LightningModule stores its models as ``students.<i>``, ``ema.<i>`` and
+    ``teacher``; which of two students to load is not ours to guess, so several students
+    is an error. Files without ``students.<i>.`` keys pass through unchanged.
+    """
+    students = sorted({m.group(0) for k in state if (m := re.match(r"students\.\d+\.", k))})
+    if not students:
+        return state
+    if len(students) > 1:
+        found = sorted({m.group(0) for k in state if (m := _DWSKD_PARTS.match(k))})
+        raise ModelConfigError(
+            f"{option}={path} is a dwskd checkpoint with {len(students)} students "
+            f"(prefixes {', '.join(found)}), so which model to load is ambiguous. Use the "
+            "run's exported .safetensors of the model you want instead, e.g. "
+            "<run dir>/stages/train/student_a.safetensors (or student_b.safetensors)."
+        )
+    prefix = students[0]
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _strip_prefixes(key: str) -> str:
+    """``model.`` (a Lightning wrapper attribute), ``module.`` / ``_orig_mod.`` (DDP, compile)."""
     changed = True
     while changed:
         changed = False
@@ -144,7 +249,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, what: str = "teache
     Raises a clear error when the file belongs to another architecture or family.
     Returns True when the head was re-initialised.
     """
-    state, head_dropped = adapt_state_dict(read_state_dict(path), model)
+    state, head_dropped = adapt_state_dict(read_state_dict(path, option=what), model)
     target = model.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -181,21 +286,71 @@ def count_flops(model: nn.Module, *, in_chans: int, img_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-@torch.no_grad()
-def measure_latency_ms(
-    model: nn.Module, *, in_chans: int, img_size: int, batch_size: int = 1, repeats: int = 20
-) -> float:
-    """Median CPU wall time of one forward pass (ms) after warm-up; a deployment figure."""
+def check_input_size(model: nn.Module, img_size: int, *, option: str = "data.img_size") -> None:
+    """Refuse an image size that a ViT-style model would silently crop.
+
+    timm's patch embedding is a convolution with stride = patch size and no padding: with
+    ``img_size`` not a multiple of the patch, the bottom/right border never reaches the model
+    (40 px with 16 px patches uses only the top-left 32x32, 36% of every image ignored).
+    Models without ``patch_embed`` (CNNs) pass: their padded convolutions see every pixel.
+    """
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    used = (img_size // ph * ph) * (img_size // pw * pw)
+    if used == img_size * img_size:
+        return
+    step = math.lcm(ph, pw)
+    below, above = img_size // step * step, (img_size // step + 1) * step
+    sizes = f"{option}={below} or {above}" if below else f"{option}={above}"
+    raise ModelConfigError(
+        f"{option}={img_size} is not a multiple of the model's patch size {ph}x{pw}: timm "
+        f"would silently ignore the bottom/right border, {1 - used / img_size**2:.0%} of "
+        f"every image. Use {sizes}."
+    )
+
+
+def measure_latency(
+    model: nn.Module,
+    *,
+    in_chans: int,
+    img_size: int,
+    batch_size: int = 1,
+    min_run_time: float = 1.0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Forward-pass latency with spread, via ``torch.utils.benchmark.Timer``.
+
+    A single median of a few ``perf_counter`` laps hides noise and thread settings; the
+    Timer times blocks of runs (synchronising an accelerator), and the returned dict says
+    how many runs, on how many threads and on which device, so figures can be compared.
+    The model is timed where it is (eval mode, no grad) and its training mode restored.
+    ``median_ms`` / ``iqr_ms`` are per forward pass of one batch of ``batch_size`` images,
+    over ``blocks`` timed blocks of ``runs / blocks`` passes (a model slower than
+    ``min_run_time`` gets one block, hence an IQR of 0: raise ``min_run_time`` for it).
+    """
+    from torch.utils.benchmark import Timer
+
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    timer = Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
     was_training = model.training
     model.eval()
-    x = torch.randn(batch_size, in_chans, img_size, img_size)
-    model_cpu = model.to("cpu")
-    for _ in range(3):
-        model_cpu(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model_cpu(x)
-        times.append((time.perf_counter() - start) * 1000)
-    model.train(was_training)
-    return float(sorted(times)[len(times) // 2])
+    try:
+        with torch.no_grad():
+            model(x)  # warm-up (allocator, kernel choice); the Timer's block sizing adds more
+            measured = timer.blocked_autorange(min_run_time=min_run_time)
+    finally:
+        model.train(was_training)
+    return {
+        "median_ms": measured.median * 1000,
+        "iqr_ms": measured.iqr * 1000,
+        "runs": len(measured.times) * measured.number_per_run,
+        "blocks": len(measured.times),
+        "threads": threads,
+        "batch_size": batch_size,
+        "device": str(device),
+    }

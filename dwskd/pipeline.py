@@ -108,6 +108,17 @@ def check_options(ctx: Context) -> None:
         raise ValueError(f"method.deploy={method.deploy} must be a, b or best")
     if method.deploy == "b" and method.students < 2:
         raise ValueError("method.deploy=b needs method.students=2")
+    split, _, metric = str(cfg.optimized_metric).partition("/")
+    if split not in ("val", "test") or not metric:
+        raise ValueError(
+            f"optimized_metric={cfg.optimized_metric} must be <split>/<metric>, e.g. val/acc."
+        )
+    if split == "test":
+        log.warning(
+            "optimized_metric=%s: a sweep tuning on test reports optimistic test "
+            "figures; use a val/ metric",
+            cfg.optimized_metric,
+        )
     if not ctx.options.labels and cfg.data.get("views", 1) != 2:
         raise ValueError(
             "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
@@ -359,13 +370,15 @@ def run_pipeline(
     """Accept the run dir (or refuse, changing nothing), run every stage, test, report."""
     config = OmegaConf.to_container(cfg, resolve=True)
     command = command or "(in-process run)"
-    with runs.opened_run_dir(Path(out_dir), writer=rank_zero_only.rank == 0) as run_dir:
-        changes = runs.check_resumable(
-            run_dir.layout, config, bool(cfg.resume.allow_config_changes)
-        )
+    with runs.opened_run_dir(
+        Path(out_dir),
+        config,
+        allow_changes=bool(cfg.resume.allow_config_changes),
+        writer=rank_zero_only.rank == 0,
+    ) as run_dir:
         ctx = prepare(cfg, run_dir)
         check_options(ctx)
-        run_dir.start(config, command, changes, hydra_files)
+        run_dir.start(config, command, hydra_files)
         return execute(ctx, command)
 
 

@@ -281,9 +281,14 @@ class RunDirectory:
     """
 
     def __init__(
-        self, layout: RunLayout, lock: RunLock | None, record: dict[str, Any] | None
+        self,
+        layout: RunLayout,
+        lock: RunLock | None,
+        record: dict[str, Any] | None,
+        changes: Mapping[str, Any] | None = None,
     ) -> None:
         self.layout, self.lock, self.record = layout, lock, record
+        self.changes = dict(changes or {})  # config keys changed since the stopped run started
         self.started = False
 
     @property
@@ -295,7 +300,6 @@ class RunDirectory:
         self,
         config: Mapping[str, Any],
         command: str,
-        changes: Mapping[str, Any],
         hydra_files: Mapping[str, str] | None = None,
     ) -> None:
         """Record this start (first start, or a restart with its config changes)."""
@@ -313,7 +317,7 @@ class RunDirectory:
             for name, text in (hydra_files or {}).items():
                 write_text(self.layout.hydra_dir / name, text)
         else:
-            restart = {"time": now_iso(), "command": command, "config_changes": dict(changes)}
+            restart = {"time": now_iso(), "command": command, "config_changes": self.changes}
             self.record.setdefault("restarts", []).append(restart)
         self._save_record()
 
@@ -340,25 +344,37 @@ class RunDirectory:
             self.layout.lock_file.unlink(missing_ok=True)
 
 
-def open_run_dir(root: Path, *, writer: bool = True) -> RunDirectory:
-    """Refuse ``root`` (finished, or in use) having changed nothing, or lock it for this run."""
+def open_run_dir(
+    root: Path,
+    config: Mapping[str, Any],
+    *,
+    allow_changes: bool = False,
+    writer: bool = True,
+) -> RunDirectory:
+    """Refuse ``root`` (finished, other config, in use) having changed nothing, or lock it.
+
+    The read-only checks run before the lock is taken (taking it writes the holder's pid)
+    and again once it is held, in case another run finished or started meanwhile.
+    """
     layout = RunLayout(Path(root))
     refuse_finished(layout)
+    changes = check_resumable(layout, config, allow_changes)
     if not writer:
-        return RunDirectory(layout, None, read_json(layout.record_json))
+        return RunDirectory(layout, None, read_json(layout.record_json), changes)
     lock = RunLock(layout.lock_file)
     lock.acquire()
     try:
-        refuse_finished(layout)  # it may have finished while we were starting
+        refuse_finished(layout)
+        changes = check_resumable(layout, config, allow_changes)
     except BaseException:
         lock.release()
         raise
-    return RunDirectory(layout, lock, read_json(layout.record_json))
+    return RunDirectory(layout, lock, read_json(layout.record_json), changes)
 
 
 @contextlib.contextmanager
-def opened_run_dir(root: Path, *, writer: bool = True) -> Iterator[RunDirectory]:
-    run_dir = open_run_dir(root, writer=writer)
+def opened_run_dir(root: Path, config: Mapping[str, Any], **options: Any) -> Iterator[RunDirectory]:
+    run_dir = open_run_dir(root, config, **options)
     try:
         yield run_dir
     finally:

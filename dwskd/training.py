@@ -133,7 +133,7 @@ class FlushLoggers(Callback):
 def stage_callbacks(factories: LightningFactories, ckpt_dir: Path, seed: int, logged: bool):
     """Fresh callbacks for one stage; checkpoints go to the stage's own folder."""
     callbacks: list[Callback] = [StepSeed(seed), FlushLoggers()]
-    for name, factory in factories.callbacks.items():
+    for factory in factories.callbacks.values():
         cls = getattr(factory, "func", None)
         if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
             callbacks.append(factory(dirpath=str(ckpt_dir)))

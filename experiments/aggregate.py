@@ -20,12 +20,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dwskd.runs import RunLayout, read_results
-
 import numpy as np
 from matplotlib.figure import Figure
 
 from dwskd.machine import now_iso
+from dwskd.runs import RunLayout, read_results
 from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines
 
 META_FILE = "paper_meta.json"

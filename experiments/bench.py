@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dwskd.distill import DistillOptions
 from dwskd.machine import machine_info, now_iso
-from dwskd.models import create_model, measure_latency_ms
+from dwskd.models import create_model, measure_latency
 from dwskd.module import DistillModule
-from dwskd.pipeline import plain_ce
 from dwskd.selection import SelectionRecipe, initialize_from_teacher
 from experiments.common import (
     REPO,
@@ -70,6 +70,7 @@ class BenchSettings:
     repeats: int = 20
     latency_sizes: tuple[int, ...] = (64, 224)
     latency_batches: tuple[int, ...] = (1, 32)
+    latency_min_run_time: float = 1.0
     selection_img_size: int = 224
     loader_batches: int = 30
     n_train: int = 1000
@@ -83,6 +84,7 @@ SMOKE = BenchSettings(
     repeats=2,
     latency_sizes=(32,),
     latency_batches=(1, 4),
+    latency_min_run_time=0.05,
     selection_img_size=32,
     loader_batches=2,
     n_train=32,
@@ -154,15 +156,18 @@ def intervals(starts: Sequence[float], warmup: int) -> list[float]:
 
 
 def framework_step(
-    s: BenchSettings, students: list[nn.Module], distill_cfg: dict, teacher: nn.Module | None = None
+    s: BenchSettings,
+    students: list[nn.Module],
+    options: DistillOptions,
+    teacher: nn.Module | None = None,
 ) -> float:
     """Median seconds per step of DistillModule under lightning.Trainer (CSV logger on)."""
     cfg = compose()
     module = DistillModule(
         students,
-        num_classes=NUM_CLASSES,
+        stage="train",
         class_names=[str(i) for i in range(NUM_CLASSES)],
-        distill_cfg=distill_cfg,
+        options=options,
         optimizer=instantiate(cfg.optimizer),
         lr=1e-3,
         teacher=teacher,
@@ -207,8 +212,9 @@ def plain_step(s: BenchSettings, model: nn.Module) -> float:
 def training_section(s: BenchSettings) -> tuple[Section, dict[str, float]]:
     """Framework vs plain loop, dual SKD and KD vs single student; returns img/s too."""
     cfg = compose()
-    ce, skd = plain_ce(cfg), OmegaConf.to_container(cfg.method.distill, resolve=True)
-    kd = dict(ce, gamma=1.0)
+    skd = DistillOptions.from_mapping(OmegaConf.to_container(cfg.method.distill, resolve=True))
+    ce = skd.cross_entropy_only()
+    kd = replace(ce, gamma=1.0)
     sec = Section(f"Training step: ViT-T, batch {s.batch_size}, {s.img_size} px, CPU")
     torch.manual_seed(0)
     plain = sec.add(
@@ -237,18 +243,25 @@ def training_section(s: BenchSettings) -> tuple[Section, dict[str, float]]:
 
 # ---------------------------------------------------------------- latency and selection
 def latency_section(s: BenchSettings) -> Section:
-    """Batch-1 and batched CPU inference: dwskd.models.measure_latency_ms (median)."""
-    sec = Section("Inference latency (CPU, eval mode, no grad): student vs teachers")
+    """Batch-1 and batched CPU inference: dwskd.models.measure_latency (median, IQR)."""
+    sec = Section(
+        f"Inference latency (CPU, eval mode, no grad, {torch.get_num_threads()} threads): "
+        "student vs teachers"
+    )
     for size in s.latency_sizes:
         for batch in s.latency_batches:
-            repeats = s.repeats if batch == 1 else max(3, s.repeats // 4)
             ms = {}
             for name in VIT:
-                model = vit(name, size)
-                ms[name] = measure_latency_ms(
-                    model, in_chans=IN_CHANS, img_size=size, batch_size=batch, repeats=repeats
+                timing = measure_latency(
+                    vit(name, size),
+                    in_chans=IN_CHANS,
+                    img_size=size,
+                    batch_size=batch,
+                    min_run_time=s.latency_min_run_time,
                 )
-                sec.add(f"{name}, {size} px, batch {batch}", ms[name], "ms")
+                ms[name] = timing["median_ms"]
+                unit = "ms (IQR {iqr_ms:.2g} ms, {blocks} blocks, {runs} runs)".format(**timing)
+                sec.add(f"{name}, {size} px, batch {batch}", ms[name], unit)
             sec.ratios += [
                 (f"ViT-S / ViT-T, {size} px, batch {batch}", ms["ViT-S"] / ms["ViT-T"]),
                 (f"ViT-B / ViT-T, {size} px, batch {batch}", ms["ViT-B"] / ms["ViT-T"]),

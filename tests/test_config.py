@@ -86,7 +86,13 @@ def test_unchanged_teacher_file_is_referenced_not_copied(tmp_path: Path) -> None
     run_pipeline(compose_config("method=teacher", "eval.latency=false"), tmp_path / "teacher")
     weights = runs.RunLayout(tmp_path / "teacher").weights("teacher", "teacher")
     student = compose_config(
-        "method=ws", "eval.latency=false", "teacher.source=file", f"teacher.file={weights}"
+        "method=ws",
+        "eval.latency=false",
+        "teacher.source=file",
+        f"teacher.file={weights}",
+        "trainer.max_epochs=null",
+        "method.epochs.teacher=0",
+        "method.epochs.train=1",
     )
     run_pipeline(student, tmp_path / "ws")
     layout = runs.RunLayout(tmp_path / "ws")

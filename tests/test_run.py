@@ -85,7 +85,7 @@ def test_selected_students_start_from_the_teacher(dwskd_run: tuple[Path, dict]) 
     out, _ = dwskd_run
     from dwskd import pipeline, runs
 
-    with runs.opened_run_dir(out / "copy") as run_dir:
+    with runs.opened_run_dir(out / "copy", {}) as run_dir:
         ctx = pipeline.prepare(compose_config("teacher.source=fit"), run_dir)
     from dwskd.models import create_model
 

@@ -70,7 +70,9 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     assert layout.last_checkpoint("train").is_file()
     assert layout.stage_record("train") is None, "killed too late: the stage had finished"
     (root / "csv_before.txt").write_text(layout.metrics_csv("train").read_text())
-    again = subprocess.run(dwskd_command(resumed), cwd=REPO, env=ENV, capture_output=True, text=True)
+    again = subprocess.run(
+        dwskd_command(resumed), cwd=REPO, env=ENV, capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     return whole, resumed
 
@@ -147,7 +149,10 @@ def test_resume_with_another_config_lists_the_changes(tmp_path: Path) -> None:
     assert "resume.allow_config_changes=true" in str(err.value)
     assert snapshot(tmp_path) == before
     forced = compose_config(
-        "method=scratch", "eval.latency=false", "method.lr.train=0.5", "resume.allow_config_changes=true"
+        "method=scratch",
+        "eval.latency=false",
+        "method.lr.train=0.5",
+        "resume.allow_config_changes=true",
     )
     results = run_pipeline(forced, tmp_path)
     restart = results["run"]["resumes"][-1]
@@ -158,7 +163,9 @@ def test_logging_keys_may_change_on_resume(tmp_path: Path) -> None:
     run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path)
     runs.RunLayout(tmp_path).metrics_json.unlink()
     run_pipeline(
-        compose_config("method=scratch", "eval.latency=false", "logger=none", "trainer.log_every_n_steps=3"),
+        compose_config(
+            "method=scratch", "eval.latency=false", "logger=none", "trainer.log_every_n_steps=3"
+        ),
         tmp_path,
     )
 
