@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export DWSKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-full lint format run select paper paper-quick investigate bench clean
+.PHONY: help install test test-full lint format run select paper paper-quick investigate bench disk clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ investigate: ## dwskd knob variants vs baselines on lung_ct, VALIDATION metrics 
 
 bench: ## framework costs side by side -> experiments/results/bench.md
 	$(PY) -m experiments.bench $(ARGS)
+
+disk: ## disk used by run dirs or sweeps (ARGS="outputs/..."; default: run the default run and measure it)
+	$(PY) -m experiments.disk_usage $(if $(ARGS),$(ARGS),--default)
 
 clean: ## remove caches (never run outputs: delete outputs/ yourself)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -41,7 +41,7 @@ def test_plan_shares_one_teacher_per_scenario_and_orders_teachers_first(tmp_path
             maker = job.teacher_file.parents[2]
             assert any(j.run_dir == maker for j in jobs[:position]), job.command()
     dwskd = keys[("transfer", "lung_ct", "dwskd", 2)]
-    assert dwskd.teacher_file == tmp_path / "transfer/lung_ct/teacher/s2" / paper.TEACHER_WEIGHTS
+    assert dwskd.teacher_file == paper.teacher_weights(tmp_path / "transfer/lung_ct/teacher/s2")
     assert "method.epochs.teacher=0" in dwskd.overrides
     transfer_teacher = keys[("transfer", "lung_ct", "teacher", 2)]
     assert transfer_teacher.teacher_file.parents[2] == tmp_path / "in_domain/brain_mri/teacher/s2"
@@ -124,14 +124,14 @@ def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) 
             run = read_metrics(runs, scenario, method)
             stage = run["run"]["stages"]["teacher"]
             assert (stage["epochs"], stage["source"]) == (0, "file")  # loaded, not retrained
-            assert stage["file"] == str(teacher_run_dir(runs, scenario) / paper.TEACHER_WEIGHTS)
+            assert stage["file"] == str(paper.teacher_weights(teacher_run_dir(runs, scenario)))
             assert run["models"]["teacher"]["test"]["auroc"] == pytest.approx(
                 teacher_run["models"]["teacher"]["test"]["auroc"]
             )
     transfer_teacher = read_metrics(runs, "transfer", "teacher")["run"]
     stage = transfer_teacher["stages"]["teacher"]
     assert (stage["epochs"], stage["source"]) == (1, "file")
-    assert stage["file"] == str(teacher_run_dir(runs, "in_domain") / paper.TEACHER_WEIGHTS)
+    assert stage["file"] == str(paper.teacher_weights(teacher_run_dir(runs, "in_domain")))
     assert not (runs / "transfer" / "synthetic" / "scratch").exists()
 
 
@@ -177,10 +177,10 @@ def test_investigation_plan_shares_the_papers_teacher_and_trains_the_long_one_fi
         (seed, name) for seed in (1, 2) for name in ["teacher_long", *variants]
     ]
     by_name = {j.scenario: j for j in jobs if j.seed == 1}
-    paper_teacher = tmp_path / "paper/in_domain/lung_ct/teacher/s1" / paper.TEACHER_WEIGHTS
+    paper_teacher = paper.teacher_weights(tmp_path / "paper/in_domain/lung_ct/teacher/s1")
     assert by_name["dwskd"].teacher_file == paper_teacher
     assert by_name["dwskd_long_teacher"].teacher_file == (
-        tmp_path / "lung_ct/teacher_long/s1" / paper.TEACHER_WEIGHTS
+        paper.teacher_weights(tmp_path / "lung_ct/teacher_long/s1")
     )
     assert by_name["scratch"].teacher_file is None
     assert "method.epochs.teacher=15" in by_name["teacher_long"].overrides  # 3x the paper's 5
@@ -215,7 +215,7 @@ def test_investigation_compares_variants_on_validation_metrics(
     run = json.loads((tmp_path / "inv/synthetic/dwskd_T1/s1/metrics.json").read_text())
     assert run["run"]["config"]["method"]["distill"]["temperature"] == 1
     assert run["run"]["stages"]["teacher"]["file"] == str(
-        teacher_run_dir(runs, "in_domain") / paper.TEACHER_WEIGHTS
+        paper.teacher_weights(teacher_run_dir(runs, "in_domain"))
     )
     with (tmp_path / "res/investigate_synthetic.csv").open() as stream:
         rows = {(r["variant"], r["model"]): r for r in csv.DictReader(stream)}

@@ -10,6 +10,7 @@ import torch
 from torchmetrics.classification import BinaryAUROC
 
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
+from dwskd.runs import RunDirError, RunLayout
 from dwskd.report import (
     plot_learning_curves,
     plot_roc,
@@ -99,15 +100,16 @@ def test_flatten_metrics_names_and_scalar_only():
 
 # --------------------------------------------------------------------------- report
 
-FAKE_CSV = """epoch,step,train/loss_step,train/loss_epoch,val/loss,val/acc,val/student_b/acc,lr
-0,4,2.0,,,,,0.1
-0,9,1.0,,,,,0.1
-0,9,,,1.2,0.5,0.4,
-0,9,,1.4,,,,
-1,14,0.8,,,,,0.1
-1,19,0.6,,,,,0.1
-1,19,,,0.9,0.75,0.6,
-1,19,,0.7,,,,
+# Columns as DistillModule logs them (per student a/b; the monitor val/acc is not a curve).
+FAKE_CSV = """epoch,step,train/a/ce_step,train/a/ce_epoch,train/b/ema_kd_epoch,train/a/acc_epoch,val/a/loss,val/a/acc,val/acc,lr
+0,4,2.0,,,,,,,0.1
+0,9,1.0,,,,,,,0.1
+0,9,,,,,1.2,0.5,0.5,
+0,9,,1.4,0.3,0.4,,,,
+1,14,0.8,,,,,,,0.1
+1,19,0.6,,,,,,,0.1
+1,19,,,,,0.9,0.75,0.75,
+1,19,,0.7,0.2,0.6,,,,
 """
 
 
@@ -151,11 +153,12 @@ def test_write_run_report_writes_everything_and_never_overwrites(tmp_path):
     csv_path.write_text(FAKE_CSV)
     results = _results(tmp_path)
     predictions = {"student_a": (np.array(PROBS), np.array(TARGETS))}
-    paths = write_run_report(tmp_path, results, predictions, csv_path)
+    layout = RunLayout(tmp_path)
+    paths = write_run_report(layout, results, predictions, {"train": csv_path})
 
     assert set(paths) == {
         "metrics_json", "report_md", "confmat_student_a", "confmat_student_b", "roc_student_a",
-        "learning_curves",
+        "learning_curves_train",
     }  # fmt: skip
     for key, path in paths.items():
         assert path.is_file() and path.stat().st_size > 0, key
@@ -175,7 +178,7 @@ def test_write_run_report_writes_everything_and_never_overwrites(tmp_path):
     assert "method=dwskd, data=synthetic, model=vit_tiny" in report
     assert "python -m dwskd.run method=dwskd seed=7" in report
     assert "- **seed**: 7" in report
-    assert "- **config**: (see metrics.json)" in report  # the full config stays in the JSON
+    assert "- **config**" not in report  # the full config stays in metrics.json
     row_a = next(line for line in report.splitlines() if line.startswith("| **student_a**"))
     for number in ("0.7143", "0.7222", "0.7111", "5.53", "1.260", "3.14"):
         assert number in row_a
@@ -183,37 +186,36 @@ def test_write_run_report_writes_everything_and_never_overwrites(tmp_path):
     assert "0.5000" in row_b and "0.7222" in row_b and "—" in row_b
     assert "| eel | 0.5000 | 1.0000 |" in report
     assert "| dog | 1.0000 | 0.8000 |" in report
-    for png in ("learning_curves", "confmat_student_a", "roc_student_a"):
+    for png in ("learning_curves_train", "confmat_student_a", "roc_student_a"):
         assert f"(plots/{png}.png)" in report
     assert "roc_student_b" not in report
 
-    before = paths["report_md"].read_text()
-    with pytest.raises(FileExistsError, match="never overwrites"):
-        write_run_report(tmp_path, _results(tmp_path), predictions, csv_path)
-    with pytest.raises(FileExistsError, match="metrics.json"):
-        write_metrics_json(tmp_path, {})
-    assert paths["report_md"].read_text() == before
+    assert "- none: the run went through without interruption" in report
+    before = paths["metrics_json"].read_text()
+    with pytest.raises(RunDirError, match="never overwrites"):
+        write_metrics_json(layout, {})
+    assert paths["metrics_json"].read_text() == before
 
 
 def test_learning_curves_from_csvlogger_file(tmp_path):
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text(FAKE_CSV)
     curves = read_epoch_curves(csv_path)
-    assert set(curves) == {"train/loss_epoch", "val/loss", "val/acc", "val/student_b/acc"}
-    assert curves["val/acc"] == {0: 0.5, 1: 0.75}
-    assert curves["train/loss_epoch"] == {0: 1.4, 1: 0.7}
-    png = plot_learning_curves(csv_path, tmp_path / "curves.png")
+    assert set(curves) == {
+        "train/a/ce_epoch",
+        "train/b/ema_kd_epoch",
+        "train/a/acc_epoch",
+        "val/a/loss",
+        "val/a/acc",
+    }  # fmt: skip  (every loss term per student; no step columns, no monitor column)
+    assert curves["val/a/acc"] == {0: 0.5, 1: 0.75}
+    assert curves["train/b/ema_kd_epoch"] == {0: 0.3, 1: 0.2}
+    png = plot_learning_curves(csv_path, tmp_path / "curves.png", "train")
     assert png is not None and png.stat().st_size > 0
 
-    steps_only = tmp_path / "steps.csv"
-    steps_only.write_text("epoch,step,train/loss_step\n0,1,2.0\n0,2,1.0\n1,3,0.5\n")
-    assert read_epoch_curves(steps_only) == {"train/loss_step": {0: 1.5, 1: 0.5}}
-
     no_curves = tmp_path / "other.csv"
-    no_curves.write_text("epoch,step,lr\n0,1,0.1\n")
-    assert plot_learning_curves(no_curves, tmp_path / "none.png") is None
-    assert plot_learning_curves(tmp_path / "missing.csv", tmp_path / "none.png") is None
-    assert plot_learning_curves(None, tmp_path / "none.png") is None
+    no_curves.write_text("epoch,step,lr,train/a/ce_step\n0,1,0.1,2.0\n")
+    assert plot_learning_curves(no_curves, tmp_path / "none.png", "train") is None
 
 
 def test_plot_roc_binary_and_bad_shape(tmp_path):
