@@ -244,6 +244,7 @@ def finetune_stage(ctx: Context, name: str, student: nn.Module) -> None:
         return StageOutput({name: student}, facts)
 
     ctx.runner.run("finetune", lambda: {name: student}, fit)
+    ctx.runner.supersede("train", name, by="finetune")
 
 
 # ------------------------------------------------------------------- test + report

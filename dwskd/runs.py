@@ -191,6 +191,16 @@ class RunLayout:
         """The record of a finished stage, or None while it still has to run."""
         return read_json(self.done_json(stage))
 
+    def final_weights(self, model: str) -> Path:
+        """Where ``model``'s final weights are: the last finished stage that exported it."""
+        for stage in reversed(STAGES):
+            entry = ((self.stage_record(stage) or {}).get("exports") or {}).get(model, {})
+            if "file" in entry:
+                return self.stage_dir(stage) / entry["file"]
+            if "reference" in entry:
+                return Path(entry["reference"])
+        raise RunDirError(f"{self.root} has no finished stage that exported '{model}'.")
+
     def stage_of_checkpoint(self, path: Path) -> str | None:
         """Which stage of this run a ``.ckpt`` path belongs to (None: not one of ours)."""
         resolved = Path(path).resolve()
@@ -465,9 +475,28 @@ class StageRunner:
             exports[name] = {"file": path.name}
         return exports
 
+    def supersede(self, stage: str, name: str, by: str) -> None:
+        """``name``'s export of ``stage`` is replaced by that of the later stage ``by``.
+
+        One final file per model: the fine-tuned student makes its pre-fine-tuning copy
+        redundant (``checkpoint.keep=true`` keeps it). The record changes first, then the
+        file goes, so a crash in between leaves a spare file, never a missing one.
+        """
+        record = self.layout.stage_record(stage)
+        if self.keep_checkpoints or not self.run_dir.writer or record is None:
+            return
+        entry = record["exports"].get(name, {})
+        if "file" not in entry:
+            return
+        record["exports"][name] = {"superseded_by": by}
+        write_json(self.layout.done_json(stage), record)
+        (self.layout.stage_dir(stage) / entry["file"]).unlink(missing_ok=True)
+
     def _load(self, stage: str, record: Mapping[str, Any], models: Mapping[str, Any]) -> None:
         for name, model in models.items():
             entry = record["exports"][name]
+            if "superseded_by" in entry:
+                continue  # the later stage's record loads this model's final weights
             if "reference" in entry:
                 path = Path(entry["reference"])
                 if not path.is_file() or file_sha256(path) != entry["sha256"]:

@@ -10,7 +10,6 @@ import torch
 from torchmetrics.classification import BinaryAUROC
 
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
-from dwskd.runs import RunDirError, RunLayout
 from dwskd.report import (
     plot_learning_curves,
     plot_roc,
@@ -18,6 +17,7 @@ from dwskd.report import (
     write_metrics_json,
     write_run_report,
 )
+from dwskd.runs import RunDirError, RunLayout
 
 CLASSES = ["cat", "dog", "eel"]
 TARGETS = [0, 0, 0, 1, 1, 2, 2]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dwskd.pipeline import run_pipeline
+from dwskd.runs import RunLayout
 from tests.conftest import compose_config
 
 
@@ -48,12 +49,17 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     assert expected | {"learning_curves_teacher.png", "learning_curves_finetune.png"} <= plots
     # Lean: each stage's best weights are exported and its Lightning checkpoints deleted.
     assert not list(out.rglob("*.ckpt"))
-    assert {p.name for p in (out / "stages" / "train").glob("*.safetensors")} == {
-        "student_a.safetensors",
-        "student_b.safetensors",
-    }
+    # One final file per model: the fine-tuned student supersedes its pre-fine-tuning copy.
     deployed = saved["deployed"]
-    assert (out / "stages" / "finetune" / f"{deployed}.safetensors").is_file()
+    kept = "student_b" if deployed == "student_a" else "student_a"
+    assert {p.name for p in out.rglob("*.safetensors")} == {
+        "teacher.safetensors",
+        f"{deployed}.safetensors",
+        f"{kept}.safetensors",
+    }
+    layout = RunLayout(out)
+    assert layout.final_weights(deployed) == layout.weights("finetune", deployed)
+    assert layout.final_weights(kept) == layout.weights("train", kept)
 
 
 def test_validation_metrics_of_the_final_weights_are_saved(dwskd_run: tuple[Path, dict]) -> None:
@@ -218,10 +224,10 @@ def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
     )
     results = run_pipeline(cfg, tmp_path)
     assert {"student_a", "student_b", "ensemble", "teacher"} <= set(results["models"])
-    train = tmp_path / "stages" / "train"
+    layout = RunLayout(tmp_path)
     key = "blocks.0.mlp.fc1.weight"
-    student = load_file(str(train / "student_a.safetensors"))[key]
-    ema = load_file(str(train / "ema_student_a.safetensors"))[key]
+    student = load_file(str(layout.final_weights("student_a")))[key]  # no fine-tuning epochs
+    ema = load_file(str(layout.weights("train", "ema_student_a")))[key]
     teacher = load_file(str(tmp_path / "stages" / "teacher" / "teacher.safetensors"))[key]
     selected = teacher[0::2][:, 0::2]  # what student A started from (uniform, offset 0)
     assert student.shape == ema.shape == selected.shape

@@ -106,7 +106,9 @@ def test_resumed_stage_keeps_its_earlier_csv_rows(killed_and_resumed) -> None:
 def test_finished_stages_keep_no_checkpoints(killed_and_resumed) -> None:
     for run_dir in killed_and_resumed:
         assert not list(run_dir.rglob("*.ckpt")), "Lightning checkpoints left after the run"
-        assert (run_dir / "stages" / "train" / "student_a.safetensors").is_file()
+        layout = runs.RunLayout(run_dir)
+        for model in ("student_a", "student_b"):
+            assert layout.final_weights(model).is_file()
 
 
 def test_refused_rerun_changes_no_file(killed_and_resumed) -> None:
