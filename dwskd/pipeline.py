@@ -96,10 +96,18 @@ def stage_epochs(cfg: DictConfig, stage: str) -> int:
 # ------------------------------------------------------------------------ checks
 def check_options(ctx: Context) -> None:
     """Fail before any training on options that cannot work (clear messages, no wasted hours)."""
-    cfg = ctx.cfg
-    method, teacher_cfg = cfg.method, cfg.teacher
-    if teacher_cfg.source not in TEACHER_SOURCES:
-        raise ValueError(f"teacher.source={teacher_cfg.source} must be one of {TEACHER_SOURCES}")
+    check_method(ctx.cfg.method, ctx.cfg.teacher.source)
+    check_evaluation(ctx.cfg)
+    if not ctx.options.labels and ctx.cfg.data.get("views", 1) != 2:
+        raise ValueError(
+            "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
+        )
+    check_models(ctx)
+
+
+def check_method(method: DictConfig, teacher_source: str) -> None:
+    if teacher_source not in TEACHER_SOURCES:
+        raise ValueError(f"teacher.source={teacher_source} must be one of {TEACHER_SOURCES}")
     if method.students not in (0, 1, 2):
         raise ValueError(f"method.students={method.students} must be 0 (teacher only), 1 or 2")
     if method.init not in ("select", "random"):
@@ -108,6 +116,10 @@ def check_options(ctx: Context) -> None:
         raise ValueError(f"method.deploy={method.deploy} must be a, b or best")
     if method.deploy == "b" and method.students < 2:
         raise ValueError("method.deploy=b needs method.students=2")
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """``optimized_metric`` names a split and metric; tuning on test gets a warning."""
     split, _, metric = str(cfg.optimized_metric).partition("/")
     if split not in ("val", "test") or not metric:
         raise ValueError(
@@ -115,22 +127,29 @@ def check_options(ctx: Context) -> None:
         )
     if split == "test":
         log.warning(
-            "optimized_metric=%s: a sweep tuning on test reports optimistic test "
-            "figures; use a val/ metric",
+            "optimized_metric=%s: a sweep tuning on test reports optimistic test figures; "
+            "use a val/ metric",
             cfg.optimized_metric,
         )
-    if not ctx.options.labels and cfg.data.get("views", 1) != 2:
-        raise ValueError(
-            "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
+    if cfg.eval.get("latency_repeats") is not None:
+        log.warning(
+            "eval.latency_repeats is deprecated and ignored: latency is measured with "
+            "torch.utils.benchmark for eval.latency_seconds per model"
         )
-    teacher = models.create_model(teacher_cfg, **ctx.shape)
+
+
+def check_models(ctx: Context) -> None:
+    """Input size vs patch size, and a dry run of the weight selection, before any training."""
+    method = ctx.cfg.method
+    teacher = models.create_model(ctx.cfg.teacher, **ctx.shape)
     models.check_input_size(teacher, ctx.shape["img_size"])
-    if method.students:
-        student = new_student(ctx)
-        models.check_input_size(student, ctx.shape["img_size"])
-        if method.init == "select":
-            for recipe in recipes(cfg)[: method.students]:
-                selection.select_state_dict(teacher.state_dict(), student, recipe)
+    if not method.students:
+        return
+    student = new_student(ctx)
+    models.check_input_size(student, ctx.shape["img_size"])
+    if method.init == "select":
+        for recipe in recipes(ctx.cfg)[: method.students]:
+            selection.select_state_dict(teacher.state_dict(), student, recipe)
 
 
 def recipes(cfg: DictConfig) -> list[selection.SelectionRecipe]:

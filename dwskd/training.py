@@ -81,9 +81,12 @@ def build_factories(cfg: DictConfig, log_group: str) -> LightningFactories:
         for name, c in (cfg.get("callbacks") or {}).items()
         if c is not None and "_target_" in c
     }
+    logger_cfg = cfg.get("logger") or {}
+    if "_target_" in logger_cfg:  # one logger (logger=csv|wandb|tensorboard)
+        logger_cfg = {"logger": logger_cfg}
     loggers = {
         name: instantiate(c, _partial_=True)
-        for name, c in (cfg.get("logger") or {}).items()
+        for name, c in logger_cfg.items()
         if c is not None and "_target_" in c
     }
     checkpoint = cfg.callbacks.model_checkpoint
