@@ -201,14 +201,6 @@ class RunLayout:
                 return Path(entry["reference"])
         raise RunDirError(f"{self.root} has no finished stage that exported '{model}'.")
 
-    def stage_of_checkpoint(self, path: Path) -> str | None:
-        """Which stage of this run a ``.ckpt`` path belongs to (None: not one of ours)."""
-        resolved = Path(path).resolve()
-        for stage in STAGES:
-            if resolved.parent == self.checkpoint_dir(stage).resolve():
-                return stage
-        return None
-
 
 def stage_seed(seed: int, stage: str) -> int:
     return int(seed) + STAGE_SEED_OFFSETS[stage]

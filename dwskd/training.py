@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class LightningFactories:
     monitor: Monitor
     progress_bar: bool = True
     log_group: str = "dwskd"
-    stage_epochs: dict[str, int] = field(default_factory=dict)
 
 
 def build_factories(cfg: DictConfig, log_group: str) -> LightningFactories:

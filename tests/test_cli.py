@@ -75,7 +75,6 @@ def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Pat
     assert sum(map(sum, test["confmat"])) > 0
 
 
-@pytest.mark.slow
 def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
     """The SLURM launcher's plugin and code path (submitit), through its local executor."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")

@@ -198,3 +198,15 @@ def test_fingerprint_ignores_logging_keys_only() -> None:
     same = {"seed": 1, "logger": None, "trainer": {"log_every_n_steps": 1}}
     assert runs.fingerprint(base) == runs.fingerprint(same)
     assert runs.fingerprint(base) != runs.fingerprint({**base, "seed": 2})
+
+
+@pytest.mark.slow
+def test_default_run_dir_stays_lean(tmp_path: Path) -> None:
+    """The default run (~3 min on 2 cores) leaves its weights, logs and report: <= 150 MB."""
+    run_dir = tmp_path / "default"
+    cmd = [sys.executable, "-m", "dwskd.run", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    size = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    assert size <= 150e6, f"default run dir holds {size / 1e6:.1f} MB"
+    assert not list(run_dir.rglob("*.ckpt"))
