@@ -20,10 +20,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import models, runs, selection, training
+from dwskd import exported, models, runs, selection, training
 from dwskd.distill import DistillOptions
 from dwskd.loggers import log_results, stage_loggers, wandb_group
 from dwskd.machine import git_commit, machine_info, package_versions
+from dwskd.metrics import scalar_only
 from dwskd.module import DistillModule
 from dwskd.report import write_run_report
 from dwskd.runs import RunDirectory, StageOutput, StageRunner
@@ -324,6 +325,42 @@ def model_costs(ctx: Context, model: nn.Module) -> dict[str, Any]:
     return costs
 
 
+def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -> dict[str, str]:
+    """``exports/<model>/`` for every tested model: timm's folder format + dwskd provenance."""
+    dm, layout = ctx.datamodule, ctx.run_dir.layout
+    preprocessing = exported.Preprocessing(
+        in_chans=dm.in_chans,
+        img_size=dm.img_size,
+        mean=tuple(dm.mean),
+        std=tuple(dm.std),
+        label_names=tuple(dm.class_names),
+    )
+    run = results["run"]
+    written = {}
+    for name, model in named.items():
+        entry = results["models"][name]
+        provenance = {
+            "model": name,
+            "deployed": name == results["deployed"],
+            "run_dir": str(layout.root),
+            "command": run["command"],
+            "method": run["method"],
+            "data": run["data"],
+            "seed": run["seed"],
+            "git": run["git"],
+            "metrics": {split: scalar_only(entry[split]) for split in ("val", "test")},
+        }
+        folder = exported.write_model_folder(
+            layout.export_dir(name),
+            model,
+            preprocessing,
+            provenance,
+            weights=layout.final_weights(name, own=True),
+        )
+        written[name] = str(folder.relative_to(layout.root))
+    return written
+
+
 def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None) -> dict:
     cfg = ctx.cfg
     return {
@@ -423,6 +460,7 @@ def execute(ctx: Context, command: str) -> dict[str, Any]:
         "models": entries,
     }
     layout = run_dir.layout
+    results["run"]["exports"] = write_exports(ctx, named_models(students, teacher), results)
     csvs = {s: layout.metrics_csv(s) for s in runs.STAGES if layout.metrics_csv(s).is_file()}
     paths = write_run_report(layout, results, predictions, csvs)
     loggers = stage_loggers(ctx.lightning.loggers, layout.root, "test", ctx.lightning.log_group)

@@ -165,6 +165,14 @@ class RunLayout:
     def stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
 
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    def export_dir(self, model: str) -> Path:
+        """``exports/<model>/``: the model in timm's folder format (see dwskd.exported)."""
+        return self.exports_dir / model
+
     def done_json(self, stage: str) -> Path:
         return self.stage_dir(stage) / "done.json"
 
@@ -191,14 +199,20 @@ class RunLayout:
         """The record of a finished stage, or None while it still has to run."""
         return read_json(self.done_json(stage))
 
-    def final_weights(self, model: str) -> Path:
-        """Where ``model``'s final weights are: the last finished stage that exported it."""
+    def final_weights(self, model: str, *, own: bool = False) -> Path | None:
+        """Where ``model``'s final weights are: the last finished stage that exported it.
+
+        ``own=True``: only a file this run wrote (a plain state dict), never a referenced
+        outside file (which may be a .pth/.ckpt that needs adapting); else None.
+        """
         for stage in reversed(STAGES):
             entry = ((self.stage_record(stage) or {}).get("exports") or {}).get(model, {})
             if "file" in entry:
                 return self.stage_dir(stage) / entry["file"]
             if "reference" in entry:
-                return Path(entry["reference"])
+                return None if own else Path(entry["reference"])
+        if own:
+            return None
         raise RunDirError(f"{self.root} has no finished stage that exported '{model}'.")
 
 

@@ -4,7 +4,8 @@
     python -m experiments.disk_usage experiments/runs/paper              # a whole sweep
     python -m experiments.disk_usage --default                           # run the default, measure it
 
-Sizes are bytes on disk of regular files (MiB = 2^20 bytes), as ``du -s --apparent-size``.
+Sizes are bytes of regular files (MiB = 2^20 bytes), each hard-linked file once, as
+``du -s --apparent-size``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ def file_kind(path: Path) -> str:
 
 
 def usage(root: Path) -> dict[str, int]:
-    """Bytes per file kind under ``root``."""
+    """Bytes per file kind under ``root``; a hard-linked file (exports/) counts once, as du does."""
     sizes: dict[str, int] = defaultdict(int)
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            sizes[file_kind(path)] += path.stat().st_size
+    seen: set[tuple[int, int]] = set()
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        stat = path.stat()
+        if (stat.st_dev, stat.st_ino) in seen:
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        sizes[file_kind(path)] += stat.st_size
     return dict(sizes)
 
 

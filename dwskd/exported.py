@@ -1,0 +1,147 @@
+"""Self-describing model folders in timm's own format: what a run hands to the outside world.
+
+A folder holds ``model.safetensors`` and a ``config.json`` written by timm's ``save_for_hf``:
+architecture and its arguments (``model_args``), and a ``pretrained_cfg`` with the input size,
+channels, mean/std, interpolation and label names the model was trained with, plus a
+``dwskd`` block (run, command, data, metrics). ``timm.create_model("local-dir:<folder>",
+pretrained=True)`` rebuilds the model with its weights; ``timm.data.resolve_data_config``
+then gives its preprocessing. dwskd's own preprocessing (:func:`preprocessing_of`) resizes
+with area averaging and squashes to a square, which timm names ``box`` / ``squash``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ExportError(ValueError):
+    """A folder that is not a dwskd/timm model folder; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a model: what training and evaluation used."""
+
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    label_names: tuple[str, ...]
+
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config for it (``resolve_data_config`` returns these values)."""
+        return {
+            "input_size": (self.in_chans, self.img_size, self.img_size),
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "interpolation": "box",  # area averaging when shrinking, as dwskd resizes
+            "crop_pct": 1.0,
+            "crop_mode": "squash",  # the whole image, squashed to a square: no crop
+        }
+
+
+def write_model_folder(
+    folder: Path,
+    model: Any,
+    preprocessing: Preprocessing,
+    provenance: Mapping[str, Any],
+    weights: Path | None = None,
+) -> Path:
+    """Write ``folder`` (weights + timm config.json with dwskd provenance), atomically.
+
+    ``weights``: an existing safetensors file holding exactly ``model.state_dict()`` (a run's
+    stage export); it is hard-linked instead of written again, so an export costs no disk.
+    """
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model_config = {
+            "label_names": list(preprocessing.label_names),
+            "dwskd": dict(provenance),
+        }
+        save_for_hf(
+            model,
+            str(tmp),
+            model_config=model_config,
+            safe_serialization=True,
+            data_config=preprocessing.data_config(),
+        )
+        _drop_source_fields(tmp / CONFIG_FILE)
+        if weights is not None and Path(weights).is_file():
+            (tmp / WEIGHTS_FILE).unlink()
+            _link_or_copy(Path(weights), tmp / WEIGHTS_FILE)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _drop_source_fields(config_path: Path) -> None:
+    """timm copies the architecture's hub tag and licence; they do not describe these weights."""
+    config = json.loads(config_path.read_text())
+    for key in ("tag", "license", "hf_hub_id", "url"):
+        config["pretrained_cfg"].pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
+def read_config(folder: Path, option: str = "model") -> dict[str, Any]:
+    """The folder's config.json; a clear error when the folder is not a model folder."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise ExportError(
+            f"{option}={folder} is not a model folder (no {CONFIG_FILE} + {WEIGHTS_FILE}). Give "
+            "a finished run dir or one of its exports/<model>/ folders."
+        )
+    return json.loads(path.read_text())
+
+
+def preprocessing_of(config: Mapping[str, Any]) -> Preprocessing:
+    """The preprocessing recorded in a model folder's config."""
+    cfg = config["pretrained_cfg"]
+    channels, height, width = cfg["input_size"]
+    if height != width:
+        raise ExportError(
+            f"input_size {cfg['input_size']} is not square; dwskd squashes to one size"
+        )
+    return Preprocessing(
+        in_chans=int(channels),
+        img_size=int(height),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        label_names=tuple(config.get("label_names") or cfg.get("label_names") or ()),
+    )
+
+
+def load_model_folder(folder: Path, option: str = "model") -> tuple[Any, dict[str, Any]]:
+    """The model (eval mode, weights loaded by timm) and the folder's config."""
+    import timm
+
+    config = read_config(folder, option)
+    model = timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True)
+    return model.eval(), config
+
+
+def label_names(config: Mapping[str, Any]) -> Sequence[str]:
+    return list(config.get("label_names") or [])
