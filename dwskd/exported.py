@@ -145,3 +145,33 @@ def load_model_folder(folder: Path, option: str = "model") -> tuple[Any, dict[st
 
 def label_names(config: Mapping[str, Any]) -> Sequence[str]:
     return list(config.get("label_names") or [])
+
+
+def resolve_model_folder(path: Path, model_name: str | None = None, option: str = "model") -> Path:
+    """``model=`` of the commands: a model folder, or a finished run dir (+ ``model_name``).
+
+    A run dir gives its deployed model unless ``model_name`` (student_a, student_b,
+    teacher) names another of ``<run dir>/exports/``.
+    """
+    from dwskd.runs import RunLayout, read_results
+
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).is_file() and model_name is None:
+        return path
+    layout = RunLayout(path)
+    if not layout.finished:
+        raise ExportError(
+            f"{option}={path} is neither a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a "
+            "finished dwskd run dir (metrics.json). Point it at one of those."
+        )
+    name = model_name or read_results(path)["deployed"]
+    folder = layout.export_dir(name)
+    if not (folder / CONFIG_FILE).is_file():
+        exports = layout.exports_dir
+        found = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
+        if not found:
+            raise ExportError(f"{option}={path} has no exports/: an older dwskd made this run.")
+        raise ExportError(
+            f"{option}={path} has no export '{name}'; use model_name= one of {found}."
+        )
+    return folder
