@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
+    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassRecall,
@@ -25,7 +26,8 @@ PER_CLASS_METRICS = ("sensitivity", "specificity")
 
 
 def classification_metrics(num_classes: int) -> torchmetrics.MetricCollection:
-    """Accuracy, balanced accuracy, macro-F1, macro AUROC, per-class sens./spec., confusion matrix.
+    """Accuracy, balanced accuracy, macro-F1, macro AUROC, per-class sens./spec., confusion matrix,
+    and the expected calibration error (``ece``: 15 equal-width confidence bins, L1).
 
     ``balanced_acc`` is macro-averaged recall. ``auroc`` is macro one-vs-rest; with two
     classes both one-vs-rest curves are mirror images, so it equals the binary AUROC.
@@ -42,6 +44,7 @@ def classification_metrics(num_classes: int) -> torchmetrics.MetricCollection:
             "sensitivity": MulticlassRecall(num_classes=c, average=None),
             "specificity": MulticlassSpecificity(num_classes=c, average=None),
             "confmat": MulticlassConfusionMatrix(num_classes=c),
+            "ece": MulticlassCalibrationError(num_classes=c, n_bins=15, norm="l1"),
         }
     )
 
@@ -77,4 +80,16 @@ def scalar_only(flat: Mapping[str, object]) -> dict[str, float]:
         k: float(v)
         for k, v in flat.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def positive_class_summary(flat: Mapping[str, object], class_names: Sequence[str], positive: int):
+    """Binary tasks: sensitivity and specificity of the positive class, named, at top level."""
+    if len(class_names) != 2:
+        return {}
+    name = class_names[positive]
+    return {
+        "positive_class": name,
+        "sensitivity": flat[f"sensitivity/{name}"],
+        "specificity": flat[f"specificity/{name}"],
     }

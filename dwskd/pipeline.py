@@ -24,7 +24,7 @@ from dwskd import exported, models, runs, selection, training
 from dwskd.distill import DistillOptions
 from dwskd.loggers import log_results, stage_loggers, wandb_group
 from dwskd.machine import git_commit, machine_info, package_versions
-from dwskd.metrics import scalar_only
+from dwskd.metrics import positive_class_summary, scalar_only
 from dwskd.module import DistillModule
 from dwskd.report import write_run_report
 from dwskd.runs import RunDirectory, StageOutput, StageRunner
@@ -277,6 +277,7 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
     entries: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
     plain = ctx.options.cross_entropy_only()
+    class_names, positive = ctx.datamodule.class_names, ctx.datamodule.positive_index
     groups = [("students", students), ("teacher", [teacher] if teacher is not None else [])]
     for group, group_models in groups:
         if not group_models:
@@ -285,7 +286,10 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
         val, test = ctx.evaluate(module, "val"), ctx.evaluate(module, "test")
         for short, flat in test.metrics.items():
             name = report_name(group, short)
-            entries[name] = {"val": val.metrics[short], "test": flat}
+            entries[name] = {
+                split: {**m, **positive_class_summary(m, class_names, positive)}
+                for split, m in (("val", val.metrics[short]), ("test", flat))
+            }
             predictions[name] = (test.probs[short].numpy(), test.targets.numpy())
     for name, model in named_models(students, teacher).items():
         entries[name].update(model_costs(ctx, model))
@@ -462,7 +466,9 @@ def execute(ctx: Context, command: str) -> dict[str, Any]:
     layout = run_dir.layout
     results["run"]["exports"] = write_exports(ctx, named_models(students, teacher), results)
     csvs = {s: layout.metrics_csv(s) for s in runs.STAGES if layout.metrics_csv(s).is_file()}
-    paths = write_run_report(layout, results, predictions, csvs)
+    dm = ctx.datamodule
+    files = dm.split("test").names
+    paths = write_run_report(layout, results, predictions, csvs, files, dm.positive_index)
     loggers = stage_loggers(ctx.lightning.loggers, layout.root, "test", ctx.lightning.log_group)
     log_results(loggers, results, {k: p for k, p in paths.items() if p.suffix == ".png"})
     return results

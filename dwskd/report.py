@@ -45,6 +45,7 @@ TABLE_HEADER = (
     "Balanced acc",
     "Macro-F1",
     "AUROC",
+    "ECE",
     "Params (M)",
     "GFLOPs",
     "Latency (ms)",
@@ -116,7 +117,7 @@ def _model_cells(entry: Mapping[str, Any]) -> list[str]:
     """One table row's cells, in ``TABLE_HEADER`` order; missing values show as a dash."""
     test = entry.get("test", {})
     return [
-        *(_fmt(test.get(key), 4) for key in ("acc", "balanced_acc", "f1_macro", "auroc")),
+        *(_fmt(test.get(key), 4) for key in ("acc", "balanced_acc", "f1_macro", "auroc", "ece")),
         _fmt(_scaled(entry.get("params"), 1e6), 2),
         _fmt(_scaled(entry.get("flops"), 1e9), 3),
         _fmt(entry.get("latency_ms"), 2),
@@ -201,6 +202,14 @@ def write_report_md(layout: RunLayout, results: dict) -> Path:
         *_model_table(models, deployed),
         "",
     ]
+    if deployed in models and models[deployed].get("test", {}).get("positive_class"):
+        test = models[deployed]["test"]
+        lines += [
+            f"Positive class (ROC, sensitivity, specificity): **{test['positive_class']}** "
+            f"(`data.positive_class`); sensitivity {_fmt(test['sensitivity'], 4)}, "
+            f"specificity {_fmt(test['specificity'], 4)}.",
+            "",
+        ]
     if deployed in models:
         lines += [f"## Per-class results ({deployed}, test)", ""]
         lines += [*_per_class_table(models[deployed].get("test", {})), ""]
@@ -233,9 +242,9 @@ def plot_confusion_matrix(
 
 
 def _roc_curves(
-    probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]
+    probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str], positive: int = 1
 ) -> list[tuple[str, Tensor, Tensor]]:
-    """(legend label, fpr, tpr): one curve for 2 classes (positive = class 1), else one per class."""
+    """(legend label, fpr, tpr): one curve for 2 classes (of class ``positive``), else one per class."""
     p = torch.as_tensor(probs, dtype=torch.float32)
     t = torch.as_tensor(targets, dtype=torch.long)
     if p.ndim != 2 or p.shape[1] != len(class_names):
@@ -244,9 +253,10 @@ def _roc_curves(
             f"{list(class_names)}; got shape {tuple(p.shape)}."
         )
     if len(class_names) == 2:
-        fpr, tpr, _ = roc(p[:, 1], t, task="binary")
-        auc = auroc(p[:, 1], t, task="binary")
-        return [(f"{class_names[1]} (AUC = {auc:.3f})", fpr, tpr)]
+        is_positive = (t == positive).long()
+        fpr, tpr, _ = roc(p[:, positive], is_positive, task="binary")
+        auc = auroc(p[:, positive], is_positive, task="binary")
+        return [(f"{class_names[positive]} positive (AUC = {auc:.3f})", fpr, tpr)]
     c = len(class_names)
     fprs, tprs, _ = roc(p, t, task="multiclass", num_classes=c)
     aucs = auroc(p, t, task="multiclass", num_classes=c, average=None)
@@ -257,12 +267,18 @@ def _roc_curves(
 
 
 def plot_roc(
-    probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str], path: Path, title: str
+    probs: np.ndarray,
+    targets: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    title: str,
+    positive: int = 1,
 ) -> Path:
-    """ROC curve(s) with AUC in the legend: binary → one curve, multiclass → one-vs-rest."""
+    """ROC curve(s) with AUC in the legend: binary → one curve for class ``positive``,
+    multiclass → one-vs-rest."""
     fig = Figure(figsize=(5.5, 5.0))
     ax = fig.subplots()
-    for label, fpr, tpr in _roc_curves(probs, targets, class_names):
+    for label, fpr, tpr in _roc_curves(probs, targets, class_names, positive):
         ax.plot(fpr.numpy(), tpr.numpy(), label=label)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate")
@@ -334,6 +350,27 @@ def plot_learning_curves(metrics_csv: Path, path: Path, title: str) -> Path | No
     return _save(fig, path)
 
 
+def write_predictions_csv(
+    path: Path,
+    files: Sequence[str],
+    probs: np.ndarray,
+    targets: np.ndarray,
+    class_names: Sequence[str],
+) -> Path:
+    """One row per image: file, true and predicted label, one probability column per class."""
+    header = ["file", "true_label", "predicted_label", *(f"prob_{c}" for c in class_names)]
+    rows = [
+        [f, class_names[int(t)], class_names[int(np.argmax(p))], *(f"{v:.6f}" for v in p)]
+        for f, p, t in zip(files, probs, targets, strict=True)
+    ]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as out:
+            csv.writer(out).writerows([header, *rows])
+
+    return runs.atomic_write(Path(path), write)
+
+
 # --------------------------------------------------------------------------- everything
 
 
@@ -347,13 +384,21 @@ def write_run_report(
     results: dict,
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
     stage_csvs: Mapping[str, Path],
+    files: Sequence[str] | None = None,
+    positive: int = 1,
 ) -> dict[str, Path]:
-    """Write the plots, then report.md, then metrics.json (the file that marks a run finished).
-
-    A crash before the end therefore leaves a resumable run, never a half-reported one.
+    """Write per-image predictions and plots, then report.md, then metrics.json (the file
+    that marks a run finished): a crash before the end leaves a resumable run, never a
+    half-reported one. ``files`` names the test images in prediction order; ``positive``
+    is the positive class of a binary ROC.
     """
     plots, models = layout.plots_dir, results.get("models", {})
     paths: dict[str, Path] = {}
+    for name, (probs, targets) in predictions.items() if files is not None else ():
+        class_names = _class_names_for(models.get(name, {}), np.shape(probs)[1])
+        paths[f"predictions_{name}"] = write_predictions_csv(
+            layout.predictions_csv(name), files, probs, targets, class_names
+        )
     for name, entry in models.items():
         confmat = entry.get("test", {}).get("confmat")
         if confmat:
@@ -364,7 +409,7 @@ def write_run_report(
     for name, (probs, targets) in predictions.items():
         names = _class_names_for(models.get(name, {}), np.shape(probs)[1])
         paths[f"roc_{name}"] = plot_roc(
-            probs, targets, names, plots / f"roc_{name}.png", f"{name}: test ROC"
+            probs, targets, names, plots / f"roc_{name}.png", f"{name}: test ROC", positive
         )
     for stage, csv_path in stage_csvs.items():
         png = plot_learning_curves(csv_path, plots / f"learning_curves_{stage}.png", stage)

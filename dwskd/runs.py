@@ -9,6 +9,8 @@ Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
     stages/<stage>/<model>.safetensors      the stage's exported weights (best on validation)
     stages/<stage>/checkpoints/             last.ckpt + best.ckpt, only while the stage runs
     logs/<stage>/metrics.csv                one CSV log per stage (kept across resumes)
+    exports/<model>/                        each tested model in timm's folder format
+    predictions/<model>_test.csv            per-image test predictions of each model
     metrics.json, report.md, plots/         the results; metrics.json marks a finished run
 
 Policy: a finished run (``metrics.json``) is never touched again; a run dir is used by one
@@ -164,6 +166,10 @@ class RunLayout:
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
+
+    def predictions_csv(self, model: str, split: str = "test") -> Path:
+        """Per-image predictions of ``model`` on ``split`` (file, labels, probabilities)."""
+        return self.root / "predictions" / f"{model}_{split}.csv"
 
     @property
     def exports_dir(self) -> Path:

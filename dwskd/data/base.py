@@ -163,6 +163,7 @@ class BaseDataModule(pl.LightningDataModule):
         views: int = 1,
         hflip: float = 0.5,
         limit_per_class: int | None = None,
+        positive_class: str | None = None,
     ) -> None:
         super().__init__()
         require_choice("channels", channels, (1, 3))
@@ -175,6 +176,7 @@ class BaseDataModule(pl.LightningDataModule):
         self.mean = per_channel(mean, self.channels, "mean")
         self.std = per_channel(std, self.channels, "std")
         self.limit_per_class = limit_per_class
+        self.positive_class = positive_class
         self.class_names: list[str] = []
         self._splits: dict[str, SplitData] | None = None
         self._val_from_train = False
@@ -213,6 +215,19 @@ class BaseDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class of a binary task (``data.positive_class``; default 1)."""
+        self.setup()
+        if self.positive_class is None:
+            return 1
+        if self.positive_class not in self.class_names:
+            raise DataError(
+                f"data.positive_class={self.positive_class!r} is not a class of data={self.name}; "
+                f"use one of {self.class_names}."
+            )
+        return self.class_names.index(self.positive_class)
 
     @property
     def in_chans(self) -> int:
@@ -265,6 +280,9 @@ class BaseDataModule(pl.LightningDataModule):
             "balance": self.balance,
             "views": self.views,
             "limit_per_class": self.limit_per_class,
+            "positive_class": self.class_names[self.positive_index]
+            if self.num_classes == 2
+            else None,
         }
 
     # -- internals ------------------------------------------------------------------------
