@@ -224,3 +224,18 @@ def test_plot_roc_binary_and_bad_shape(tmp_path):
     assert path.stat().st_size > 0
     with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
         plot_roc(probs, np.array([0, 1, 1, 0]), CLASSES, tmp_path / "bad.png", "t")
+
+
+def test_binary_roc_and_sensitivity_follow_the_positive_class(tmp_path):
+    from dwskd.metrics import positive_class_summary
+    from dwskd.report import _roc_curves
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+    targets = np.array([0, 1, 1, 0])
+    names = ["COVID", "NonCOVID"]
+    ((label, _, _),) = _roc_curves(probs, targets, names, positive=0)
+    assert label.startswith("COVID positive")
+    flat = {"sensitivity/COVID": 1.0, "specificity/COVID": 0.5}
+    summary = positive_class_summary(flat, names, positive=0)
+    assert summary == {"positive_class": "COVID", "sensitivity": 1.0, "specificity": 0.5}
+    assert positive_class_summary(flat, ["a", "b", "c"], positive=0) == {}
