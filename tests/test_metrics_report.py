@@ -40,6 +40,9 @@ HAND = {
     "sensitivity": [2 / 3, 1.0, 0.5],
     "specificity": [0.75, 0.8, 1.0],
     "confmat": [[2, 1, 0], [0, 2, 0], [1, 0, 1]],
+    # ECE, 15 bins: confidence 0.5 (acc 1/2) -> 0; 0.6 (acc 1/2) -> 0.1*2; 0.7 (acc 1) -> 0.3*2;
+    # 0.8 (acc 1) -> 0.2*1; sum / 7 images.
+    "ece": (0.2 + 0.6 + 0.2) / 7,
 }
 
 
@@ -85,11 +88,13 @@ def test_two_class_macro_auroc_equals_binary_auroc():
 def test_flatten_metrics_names_and_scalar_only():
     flat = flatten_metrics(_computed(), CLASSES, prefix="test/")
     expected_keys = {"test/acc", "test/balanced_acc", "test/f1_macro", "test/auroc", "test/confmat"}
+    expected_keys |= {"test/ece"}
     expected_keys |= {f"test/{m}/{c}" for m in ("sensitivity", "specificity") for c in CLASSES}
     assert set(flat) == expected_keys
     assert flat["test/specificity/eel"] == pytest.approx(1.0)
     assert flat["test/sensitivity/dog"] == pytest.approx(1.0)
     assert flat["test/confmat"] == HAND["confmat"]
+    assert flat["test/ece"] == pytest.approx(HAND["ece"], abs=1e-6)
     assert all(isinstance(v, int) for row in flat["test/confmat"] for v in row)
     scalars = scalar_only(flat)
     assert set(scalars) == expected_keys - {"test/confmat"}
