@@ -52,7 +52,7 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     # One final file per model: the fine-tuned student supersedes its pre-fine-tuning copy.
     deployed = saved["deployed"]
     kept = "student_b" if deployed == "student_a" else "student_a"
-    assert {p.name for p in out.rglob("*.safetensors")} == {
+    assert {p.name for p in (out / "stages").rglob("*.safetensors")} == {
         "teacher.safetensors",
         f"{deployed}.safetensors",
         f"{kept}.safetensors",
