@@ -15,10 +15,10 @@ help: ## show this help
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-install: $(PY) ## create .venv and install dwskd with its dev and medmnist extras (pip; ~3 min)
+install: $(PY) ## create .venv and install dwskd (editable) with its dev, medmnist and export extras (pip; ~3 min)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,medmnist]"
-	$(PY) -c "import torchvision, timm, lightning, dwskd; print('dwskd installed: torch', __import__('torch').__version__)"
+	$(PY) -m pip install -e ".[dev,medmnist,export]"
+	$(PY) -c "import torchvision, timm, lightning, onnxruntime, dwskd; print('dwskd', dwskd.__version__, 'installed: torch', __import__('torch').__version__)"
 
 test: ## fast test suite (excludes @slow; ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" -q

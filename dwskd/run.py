@@ -18,8 +18,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from dwskd import CONFIG_DIR  # noqa: E402  (conf/ of a checkout, dwskd/conf/ of a wheel)
+
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def hydra_files(cfg: DictConfig) -> dict[str, str]:

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dwskd import CONFIG_DIR
 from dwskd.models import ModelConfigError, create_hub_model, create_model, load_weights_file
 from dwskd.selection import (
     SelectionPlan,
@@ -109,7 +110,7 @@ def run(cfg: DictConfig) -> SelectionPlan:
     return plan
 
 
-@hydra.main(config_path="../conf", config_name="select", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="select", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
