@@ -46,3 +46,14 @@ def real_data_dir() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real datasets not found at {REAL_DATA} (set DWSKD_DATA_DIR to run these)")
     return REAL_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Several test processes share 2 cores; OpenMP spinning with 2 threads is far slower then."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,25 +14,21 @@ from dwskd.pipeline import run_pipeline
 from tests.conftest import REPO, TINY, compose_config
 
 
-def test_multirun_of_two_jobs_writes_two_reports(tmp_path: Path) -> None:
+def two_seed_multirun(tmp_path: Path, *launcher: str) -> list[Path]:
+    """``dwskd.run -m seed=1,2`` (tiny scratch runs) with ``launcher`` overrides; its reports."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "dwskd.run",
-        "-m",
-        "method=scratch",
-        "seed=1,2",
-        "eval.latency=false",
-        f"paths.output_root={tmp_path}",
-        *TINY,
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    sweep = ["method=scratch", "seed=1,2", "eval.latency=false", f"paths.output_root={tmp_path}"]
+    cmd = [sys.executable, "-m", "dwskd.run", "-m", *launcher, *sweep, *TINY]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = sorted(tmp_path.glob("multirun/*/*/metrics.json"))
     assert len(reports) == 2, done.stderr[-3000:]
-    seeds = {json.loads(p.read_text())["run"]["seed"] for p in reports}
-    assert seeds == {1, 2}
+    assert {json.loads(p.read_text())["run"]["seed"] for p in reports} == {1, 2}
+    return reports
+
+
+def test_multirun_of_two_jobs_writes_two_reports(tmp_path: Path) -> None:
+    two_seed_multirun(tmp_path)
 
 
 def test_slurm_launcher_and_sweep_presets_compose() -> None:
@@ -77,23 +73,5 @@ def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Pat
 
 def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
     """The SLURM launcher's plugin and code path (submitit), through its local executor."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "dwskd.run",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10",
-        "method=scratch",
-        "seed=1,2",
-        "eval.latency=false",
-        f"paths.output_root={tmp_path}",
-        *TINY,
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = sorted(tmp_path.glob("multirun/*/*/metrics.json"))
-    assert len(reports) == 2, done.stderr[-3000:]
-    assert {json.loads(p.read_text())["run"]["seed"] for p in reports} == {1, 2}
+    two_seed_multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
     assert list(tmp_path.glob("multirun/*/.submitit/*/*_log.out")), "submitit did not run the jobs"

@@ -34,12 +34,8 @@ EVEN, ODD = torch.arange(0, 384, 2), torch.arange(1, 384, 2)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Several test processes share 2 cores; OpenMP spinning with 2 threads is ~30x slower then."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests.conftest.one_thread)."""
 
 
 def timm_model(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:

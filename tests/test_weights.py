@@ -27,12 +27,8 @@ EXTENSIONS = ("safetensors", "pth", "ckpt")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Several test processes share 2 cores; OpenMP spinning with 2 threads is far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests.conftest.one_thread)."""
 
 
 def tiny_vit(seed: int = 0, **kwargs) -> nn.Module:
