@@ -1,0 +1,725 @@
+"""``python -m dwskd.evaluate`` / ``dwskd-eval``: score a model on a labelled test-only folder.
+
+Example (a 4-class tumour model on a 2-class external set)::
+
+    python -m dwskd.evaluate model=outputs/brain_mri/dwskd/<run> data.root=/data/hospital_b \\
+        'class_map={no_tumor: no_tumor, tumor: [glioma_tumor, meningioma_tumor, pituitary_tumor]}'
+
+Why a separate command: a model is deployed where data differ from its training set, and the
+question there is how it does on *that* data, scored the way the run scored its own test
+split. Images get the model's own preprocessing (from its config.json); external classes map
+onto the model's (several model classes summed into one external class: the task is then
+scored on the external classes). Writes into ``out``: ``metrics.json`` (with bootstrap
+intervals and ECE), ``report.md``, ``predictions.csv`` and ``plots/`` (confusion matrix,
+ROC, reliability diagram); an existing non-empty ``out`` is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dwskd import runs
+from dwskd.commands import hydra_main
+from dwskd.data.checks import check_several_classes, check_single_label, file_digests, scan_split
+from dwskd.inference import (
+    InferenceError,
+    LoadedModel,
+    Predictions,
+    check_policy,
+    load,
+    run_model,
+)
+
+INTERVAL_METRICS = ("acc", "balanced_acc", "auroc")
+METRIC_NAMES = {
+    "acc": "Accuracy",
+    "balanced_acc": "Balanced accuracy",
+    "f1_macro": "Macro-F1",
+    "auroc": "AUROC (macro one-vs-rest)",
+    "ece": "ECE",
+    "ece_top_label": "ECE (top label)",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+}
+
+
+class EvaluationError(InferenceError):
+    """Options or data of dwskd.evaluate that cannot work; the message says what to do."""
+
+
+# ------------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class Task:
+    """The classes scored: each external class and the model classes summed into it."""
+
+    classes: tuple[str, ...]
+    members: tuple[tuple[int, ...], ...]  # model class indices per scored class
+    model_labels: tuple[str, ...]
+
+    @property
+    def grouped(self) -> bool:
+        return any(len(m) > 1 for m in self.members)
+
+    @property
+    def dropped(self) -> list[str]:
+        """Model classes no external class maps to: their probability is left out."""
+        used = {i for m in self.members for i in m}
+        return [c for i, c in enumerate(self.model_labels) if i not in used]
+
+    @property
+    def class_map(self) -> dict[str, list[str]]:
+        return {
+            c: [self.model_labels[i] for i in m]
+            for c, m in zip(self.classes, self.members, strict=True)
+        }
+
+    def probabilities(self, model_probs: torch.Tensor) -> torch.Tensor:
+        """Model probabilities summed per scored class, renormalised if classes were dropped.
+
+        Renormalising restricts the model to the classes present, as a softmax over their
+        logits alone would (the usual practice for label subsets, e.g. ImageNet-R).
+        """
+        probs = torch.stack([model_probs[:, list(m)].sum(dim=1) for m in self.members], dim=1)
+        if self.dropped:
+            probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return probs
+
+
+def _as_lists(class_map: Any) -> dict[str, list[str]]:
+    """``class_map`` as {external: [model classes]}; a single model class becomes a list."""
+    if class_map is None:
+        return {}
+    if OmegaConf.is_config(class_map):
+        class_map = OmegaConf.to_container(class_map, resolve=True)
+    if not isinstance(class_map, Mapping):
+        raise EvaluationError(
+            f"class_map={class_map!r} must be a dict, e.g. "
+            "'class_map={no_tumor: notumor, tumor: [glioma, meningioma, pituitary]}'."
+        )
+    return {
+        str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in class_map.items()
+    }
+
+
+def _check_class_map(mapping: dict, external: Sequence[str], labels: Sequence[str]) -> None:
+    """Every name in the map must exist, and every external class must reach a model class."""
+    stray = sorted(set(mapping) - set(external))
+    if stray:
+        raise EvaluationError(
+            f"class_map names {stray}, which are not class folders of data.root "
+            f"(found {list(external)})."
+        )
+    unknown = sorted({m for ms in mapping.values() for m in ms} - set(labels))
+    if unknown:
+        raise EvaluationError(
+            f"class_map maps onto {unknown}, which are not classes of the model "
+            f"(its labels: {list(labels)})."
+        )
+    unmapped = [e for e in external if e not in mapping and e not in labels]
+    if unmapped:
+        raise EvaluationError(
+            f"The classes {unmapped} of data.root are not classes of the model and class_map "
+            f"does not map them. The model's labels: {list(labels)}. Add e.g. "
+            f"'class_map={{{unmapped[0]}: {labels[0]}}}' (a list of model classes sums them)."
+        )
+
+
+def build_task(external: Sequence[str], labels: Sequence[str], class_map: Any) -> Task:
+    """The scored classes: external classes, each with the model classes it covers.
+
+    Order: when every external class covers one model class, the model's order (the model's
+    own task, renamed or a subset); when classes are grouped, the sorted external names.
+    """
+    mapping = _as_lists(class_map)
+    _check_class_map(mapping, external, labels)
+    groups = {e: mapping.get(e, [e]) for e in external}
+    owners: dict[str, str] = {}
+    for e, members in groups.items():
+        for m in members:
+            if m in owners:
+                raise EvaluationError(
+                    f"Model class {m!r} is mapped from both {owners[m]!r} and {e!r}; "
+                    "each model class can count for one external class only."
+                )
+            owners[m] = e
+    if all(len(m) == 1 for m in groups.values()):
+        order = sorted(external, key=lambda e: list(labels).index(groups[e][0]))
+    else:
+        order = sorted(external)
+    members = tuple(tuple(list(labels).index(m) for m in groups[e]) for e in order)
+    return Task(tuple(order), members, tuple(labels))
+
+
+def positive_index(task: Task, positive_class: Any) -> int | None:
+    """The positive class of a binary task (``positive_class``, default index 1); else None."""
+    if len(task.classes) != 2:
+        if positive_class is not None:
+            raise EvaluationError(
+                f"positive_class={positive_class} applies to binary tasks; this one has "
+                f"{len(task.classes)} classes {list(task.classes)}."
+            )
+        return None
+    if positive_class is None:
+        return 1
+    if str(positive_class) in task.classes:
+        return task.classes.index(str(positive_class))
+    if positive_class in (0, 1):
+        return int(positive_class)
+    raise EvaluationError(
+        f"positive_class={positive_class!r} is not a class of the task {list(task.classes)}."
+    )
+
+
+# ------------------------------------------------------------------------- inputs and options
+def check_preprocessing(data: DictConfig, preprocessing: Any, allow_resize: bool) -> dict:
+    """Refuse ``data.img_size``/``data.channels`` that differ from the model's, unless allowed.
+
+    The model only works at the size and channels it was trained with; a differing value on
+    the command line means the user expects something else, so it is named, not ignored.
+    """
+    model = {"img_size": preprocessing.img_size, "channels": preprocessing.in_chans}
+    asked = {k: data.get(k) for k in model if data.get(k) is not None}
+    differ = {k: v for k, v in asked.items() if int(v) != model[k]}
+    if differ and not allow_resize:
+        listed = ", ".join(
+            f"data.{k}={v} but the model takes {model[k]}" for k, v in differ.items()
+        )
+        raise EvaluationError(
+            f"{listed} (its config.json). It is evaluated with its own preprocessing: drop "
+            "those options, or add allow_resize=true to resize the images to the model's anyway."
+        )
+    if differ:
+        warnings.warn(f"allow_resize=true: images prepared as the model's {model}", stacklevel=2)
+    return {"requested": asked, "used": model}
+
+
+def labelled_folder(root: Any) -> tuple[Path, dict[str, list[Path]]]:
+    """``<root>/test/<class>/*`` when there is a test/ folder, else ``<root>/<class>/*``."""
+    root = Path(str(root)).expanduser().absolute()
+    if not root.is_dir():
+        raise EvaluationError(
+            f"data.root={root} does not exist. Lay the test images out as <root>/<class>/<image> "
+            "or <root>/test/<class>/<image>."
+        )
+    folder = root / "test" if (root / "test").is_dir() else root
+    files = scan_split(folder)
+    check_several_classes(list(files), where=str(folder))
+    check_single_label({"test": files}, file_digests(p for ps in files.values() for p in ps))
+    return folder, files
+
+
+def output_dir(cfg: DictConfig, loaded: LoadedModel) -> Path:
+    """``out``, or ``<output_root>/evaluate/<model>_<time>``; a non-empty folder is refused."""
+    if cfg.out is not None:
+        out = Path(str(cfg.out)).expanduser()
+    else:
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+        out = Path(str(cfg.output_root)) / "evaluate" / f"{loaded.name}_{stamp}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"out={out} exists and is not an empty folder; dwskd never overwrites results. "
+            "Choose another out= (or leave it out for a new time-stamped folder)."
+        )
+    return out
+
+
+# ------------------------------------------------------------------------- metrics
+def _confidence(probs: torch.Tensor, targets: torch.Tensor, positive: int | None):
+    """(confidence, hit): P(positive) vs is-positive for binary, top-label vs correct else."""
+    if positive is not None:
+        return probs[:, positive], (targets == positive).float()
+    confidence, predicted = probs.max(dim=1)
+    return confidence, (predicted == targets).float()
+
+
+def calibration_error(probs, targets, positive: int | None, n_bins: int) -> float:
+    """ECE (L1) by torchmetrics: binary on P(positive), multiclass on the top label."""
+    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+    if positive is not None:
+        metric = BinaryCalibrationError(n_bins=n_bins, norm="l1")
+        return float(metric(probs[:, positive], (targets == positive).long()))
+    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm="l1")
+    return float(metric(probs, targets))
+
+
+def score(probs, targets, task: Task, positive: int | None, n_bins: int) -> dict[str, Any]:
+    """The run's metric set (dwskd.metrics) on the task, ECE with ``n_bins``, binary summary."""
+    from dwskd.metrics import classification_metrics, flatten_metrics, positive_class_summary
+
+    collection = classification_metrics(len(task.classes))
+    collection.update(probs, targets)
+    flat = flatten_metrics(collection.compute(), task.classes)
+    flat.pop("ece", None)  # fixed at 15 bins there; recomputed with calibration_bins
+    flat["ece"] = calibration_error(probs, targets, positive, n_bins)
+    if positive is not None:
+        flat["ece_top_label"] = calibration_error(probs, targets, None, n_bins)
+        flat.update(positive_class_summary(flat, task.classes, positive))
+    return flat
+
+
+def _bootstrap_metrics(k: int) -> dict[str, Any]:
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_recall,
+    )
+
+    options = {"num_classes": k, "validate_args": False}
+    return {  # the same definitions as dwskd.metrics.classification_metrics
+        "acc": lambda p, t: multiclass_accuracy(p, t, average="micro", **options),
+        "balanced_acc": lambda p, t: multiclass_recall(p, t, average="macro", **options),
+        "auroc": lambda p, t: multiclass_auroc(p, t, average="macro", **options),
+    }
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: metrics of a few thousand values gain nothing from intra-op
+    threads, and on a small machine waking them costs more than the work (10x on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bootstrap_intervals(
+    probs: torch.Tensor, targets: torch.Tensor, values: Mapping[str, Any], options: Any
+) -> dict[str, dict[str, float]]:
+    """Percentile intervals of accuracy, balanced accuracy and AUROC (fixed seed).
+
+    Resampling is stratified by true class: every resample holds every class as often as
+    the test set does, so balanced accuracy and AUROC are defined in each of them.
+    """
+    rng = np.random.default_rng(int(options.seed))
+    labels = targets.numpy()
+    by_class = [np.flatnonzero(labels == c) for c in range(probs.shape[1])]
+    metrics = _bootstrap_metrics(probs.shape[1])
+    draws: dict[str, list[float]] = {name: [] for name in metrics}
+    with single_thread():
+        for _ in range(int(options.resamples)):
+            idx = torch.as_tensor(np.concatenate([rng.choice(ix, len(ix)) for ix in by_class]))
+            p, t = probs.index_select(0, idx), targets.index_select(0, idx)
+            for name, metric in metrics.items():
+                draws[name].append(float(metric(p, t)))
+    tail = 100 * (1 - float(options.level)) / 2
+    return {
+        name: {
+            "value": float(values[name]),
+            "low": float(np.percentile(d, tail)),
+            "high": float(np.percentile(d, 100 - tail)),
+        }
+        for name, d in draws.items()
+    }
+
+
+def reliability_bins(probs, targets, positive: int | None, n_bins: int) -> list[dict]:
+    """Per equal-width bin: its edges, image count, mean confidence and observed rate.
+
+    Observed rate: accuracy (multiclass, top label) or fraction positive (binary), the two
+    quantities the ECE compares. Confidence 1.0 falls in the last bin.
+    """
+    confidence, hit = _confidence(probs, targets, positive)
+    confidence = confidence.float().contiguous()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins)
+    conf_sum = torch.zeros(n_bins).index_add_(0, index, confidence)
+    hit_sum = torch.zeros(n_bins).index_add_(0, index, hit)
+    bins = []
+    for i in range(n_bins):
+        n = int(count[i])
+        bins.append(
+            {
+                "lower": round(float(edges[i]), 6),
+                "upper": round(float(edges[i + 1]), 6),
+                "count": n,
+                "confidence": float(conf_sum[i] / n) if n else None,
+                "observed": float(hit_sum[i] / n) if n else None,
+            }
+        )
+    return bins
+
+
+# ------------------------------------------------------------------------- outputs
+def plot_reliability(
+    bins: Sequence[Mapping], path: Path, title: str, observed: str, confidence: str
+) -> Path:
+    """Reliability diagram: observed rate per confidence bin against the diagonal, with counts."""
+    from matplotlib.figure import Figure
+
+    from dwskd.report import _save
+
+    fig = Figure(figsize=(5.5, 6.5))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = bins[0]["upper"] - bins[0]["lower"]
+    filled = [b for b in bins if b["count"]]
+    centres = [(b["lower"] + b["upper"]) / 2 for b in filled]
+    top.bar(centres, [b["observed"] for b in filled], width=0.9 * width, label=observed)
+    top.plot(
+        [b["confidence"] for b in filled],
+        [b["observed"] for b in filled],
+        "o",
+        color="C1",
+        markersize=4,
+        label="at the bin's mean confidence",
+    )
+    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    for x, b in zip(centres, filled, strict=True):
+        top.annotate(str(b["count"]), (x, b["observed"]), ha="center", va="bottom", fontsize=7)
+    top.set(ylabel=observed, xlim=(0, 1), ylim=(0, 1.08), title=title)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(
+        [(b["lower"] + b["upper"]) / 2 for b in bins],
+        [b["count"] for b in bins],
+        width=0.9 * width,
+        color="grey",
+    )
+    bottom.set(xlabel=confidence, ylabel="images")
+    return _save(fig, path)
+
+
+def write_plots(out: Path, results: Mapping, probs, targets, positive: int | None) -> dict:
+    """Confusion matrix, ROC (the positive class's for a binary task), reliability diagram."""
+    from dwskd.report import plot_confusion_matrix, plot_roc
+
+    classes, metrics, plots = results["task"]["classes"], results["metrics"], out / "plots"
+    name = results["model"]["name"]
+    if positive is None:
+        observed, confidence = "accuracy", "confidence (probability of the predicted class)"
+    else:
+        observed = f"fraction {classes[positive]}"
+        confidence = f"predicted probability of {classes[positive]}"
+    ece = f"ECE = {metrics['ece']:.3f}"
+    return {
+        "confmat": plot_confusion_matrix(
+            metrics["confmat"], classes, plots / "confmat.png", f"{name}: confusion matrix"
+        ),
+        "roc": plot_roc(
+            probs.numpy(),
+            targets.numpy(),
+            classes,
+            plots / "roc.png",
+            f"{name}: ROC",
+            positive=1 if positive is None else positive,
+        ),
+        "reliability": plot_reliability(
+            results["calibration"]["bins"],
+            plots / "reliability.png",
+            f"{name}: {ece}",
+            observed,
+            confidence,
+        ),
+    }
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _results_table(results: Mapping) -> list[str]:
+    metrics, intervals = results["metrics"], results["intervals"]
+    level = f"{100 * results['bootstrap']['level']:g}% CI"
+    lines = [f"| Metric | Value | {level} |", "|---|---:|---:|"]
+    for key, label in METRIC_NAMES.items():
+        if key not in metrics:
+            continue
+        ci = intervals.get(key)
+        span = f"{_fmt(ci['low'])} – {_fmt(ci['high'])}" if ci else ""
+        lines.append(f"| {label} | {_fmt(metrics[key])} | {span} |")
+    return lines
+
+
+def _per_class_table(results: Mapping) -> list[str]:
+    metrics, counts = results["metrics"], results["data"]["class_counts"]
+    lines = ["| Class | Images | Sensitivity | Specificity |", "|---|---:|---:|---:|"]
+    for c in results["task"]["classes"]:
+        sens, spec = metrics[f"sensitivity/{c}"], metrics[f"specificity/{c}"]
+        lines.append(f"| {c} | {counts[c]} | {_fmt(sens)} | {_fmt(spec)} |")
+    return lines
+
+
+def _confmat_table(results: Mapping) -> list[str]:
+    classes = results["task"]["classes"]
+    lines = [
+        "| true \\ predicted | " + " | ".join(classes) + " |",
+        "|---|" + "---:|" * len(classes),
+    ]
+    for c, row in zip(classes, results["metrics"]["confmat"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return lines
+
+
+def _task_lines(results: Mapping) -> list[str]:
+    task = results["task"]
+    lines = ["| Scored class | Model classes (probabilities summed) |", "|---|---|"]
+    lines += [f"| {c} | {', '.join(ms)} |" for c, ms in task["class_map"].items()]
+    if task["dropped_model_classes"]:
+        lines += [
+            "",
+            f"Model classes without an external class: {task['dropped_model_classes']} "
+            "(left out; the other probabilities are renormalised).",
+        ]
+    if task["positive_class"] is not None:
+        how = "default: class index 1" if task["positive_default"] else "positive_class="
+        lines += [
+            "",
+            f"Positive class (ROC, sensitivity, specificity): **{task['positive_class']}** ({how}).",
+        ]
+    return lines
+
+
+def _model_lines(results: Mapping) -> list[str]:
+    model, prov = results["model"], dict(results["model"]["provenance"])
+    own = prov.pop("metrics", {}).get("test", {})
+    lines = [f"- **folder**: {model['folder']}", f"- **architecture**: {model['architecture']}"]
+    lines.append(f"- **labels**: {', '.join(model['labels'])}")
+    lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in prov.items()]
+    if own:
+        lines.append(
+            f"- **its run's own test**: acc {_fmt(own.get('acc'))}, AUROC {_fmt(own.get('auroc'))}"
+        )
+    return lines
+
+
+def _data_lines(results: Mapping) -> list[str]:
+    data, prep = results["data"], results["preprocessing"]
+    skipped = f"{data['n_skipped']} unreadable skipped" if data["n_skipped"] else "none skipped"
+    used = ", ".join(f"{k} {v}" for k, v in prep["used"].items())
+    lines = [f"- **folder**: {data['folder']}", f"- **images**: {data['n_images']} ({skipped})"]
+    lines.append(
+        f"- **preprocessing** (the model's own): {used}, mean {prep['mean']}, std {prep['std']}"
+    )
+    if prep["requested"]:
+        lines.append(f"- **asked for** (allow_resize=true): {prep['requested']}")
+    return lines
+
+
+def _method_note(results: Mapping) -> str:
+    boot, bins = results["bootstrap"], results["calibration"]["n_bins"]
+    return (
+        f"Intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true "
+        f"class, seed {boot['seed']}. ECE: torchmetrics, {bins} equal-width bins, L1"
+        + (
+            " (binary: of the positive class's probability)."
+            if results["task"]["positive_class"]
+            else "."
+        )
+    )
+
+
+def report_md(results: Mapping) -> str:
+    """A human-readable report: what was evaluated, on what, how it scored (with intervals)."""
+    plots = ("confmat", "roc", "reliability")
+    sections = {
+        "Command": ["```", results["command"], "```"],
+        "Model": _model_lines(results),
+        "Data": _data_lines(results),
+        "Task": _task_lines(results),
+        "Results": [*_results_table(results), "", _method_note(results)],
+        "Per class": _per_class_table(results),
+        "Confusion matrix (rows: true class)": _confmat_table(results),
+        "Plots": [f"![{name}](plots/{name}.png)\n" for name in plots],
+    }
+    if results.get("saliency"):
+        names = [Path(p).name for p in results["saliency"]]
+        sections["Saliency (first images)"] = [f"![{n[:-4]}](saliency/{n})\n" for n in names]
+    title = f"# dwskd evaluation: {results['model']['name']} on {results['data']['folder']}"
+    lines = [title, ""]
+    for heading, body in sections.items():
+        lines += [f"## {heading}", "", *body, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------- the command
+@dataclass
+class Scored:
+    """The task and what is scored on it: task probabilities and targets of readable images."""
+
+    task: Task
+    positive: int | None
+    predictions: Predictions
+    probs: torch.Tensor
+    targets: torch.Tensor
+
+
+def command_line() -> str:
+    """The command as typed (under Hydra), for the report; in-process calls say so."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "(in-process evaluation)"
+    return " ".join(["python -m dwskd.evaluate", *HydraConfig.get().overrides.task])
+
+
+def predict_folder(
+    cfg: DictConfig, loaded: LoadedModel, files: Mapping[str, list[Path]], task: Task
+) -> tuple[Predictions, torch.Tensor]:
+    """Predict every image; return the predictions and task targets of the readable ones."""
+    paths = [p for c in files for p in files[c]]
+    labels = [task.classes.index(c) for c in files for _ in files[c]]
+    predictions = run_model(
+        loaded,
+        paths,
+        batch_size=cfg.batch_size,
+        bad_images=cfg.data.bad_images,
+        device=cfg.device,
+        progress=cfg.progress,
+        option="data.bad_images",
+    )
+    targets = torch.as_tensor([labels[i] for i in predictions.index], dtype=torch.long)
+    missing = [c for i, c in enumerate(task.classes) if not (targets == i).any()]
+    if missing:
+        raise EvaluationError(f"No readable image left in the class folder(s) {missing}.")
+    return predictions, targets
+
+
+def collect_results(
+    cfg: DictConfig, loaded: LoadedModel, preprocessing: dict, folder: Path, scored: Scored
+) -> dict[str, Any]:
+    """Everything metrics.json holds (the report and the plots are drawn from it)."""
+    task, positive, probs, targets = scored.task, scored.positive, scored.probs, scored.targets
+    skipped, bins = scored.predictions.skipped, int(cfg.calibration_bins)
+    flat = score(probs, targets, task, positive, bins)
+    return {
+        "command": command_line(),
+        "time": runs.now_iso(),
+        "model": {
+            "name": loaded.name,
+            "folder": str(loaded.folder),
+            "architecture": loaded.config.get("architecture"),
+            "labels": list(loaded.label_names),
+            "provenance": loaded.provenance,
+        },
+        "data": {
+            "root": str(cfg.data.root),
+            "folder": str(folder),
+            "n_images": len(targets),
+            "n_skipped": len(skipped),
+            "class_counts": {c: int((targets == i).sum()) for i, c in enumerate(task.classes)},
+            "skipped": [{"file": str(p), "error": e} for p, e in skipped],
+        },
+        "preprocessing": preprocessing,
+        "task": {
+            "classes": list(task.classes),
+            "class_map": task.class_map,
+            "dropped_model_classes": task.dropped,
+            "positive_class": None if positive is None else task.classes[positive],
+            "positive_default": positive is not None and cfg.positive_class is None,
+        },
+        "metrics": flat,
+        "intervals": bootstrap_intervals(probs, targets, flat, cfg.bootstrap),
+        "bootstrap": {**OmegaConf.to_container(cfg.bootstrap), "method": "percentile, stratified"},
+        "calibration": {
+            "n_bins": bins,
+            "norm": "l1",
+            "bins": reliability_bins(probs, targets, positive, bins),
+        },
+        "device": str(cfg.device),
+    }
+
+
+def write_outputs(out: Path, results: dict, scored: Scored, folder: Path) -> dict[str, Path]:
+    """predictions.csv, the plots, report.md, then metrics.json (each written atomically)."""
+    from dwskd.report import _jsonable, write_predictions_csv
+
+    classes = results["task"]["classes"]
+    files = [str(f.relative_to(folder)) for f in scored.predictions.files]
+    probs, targets = scored.probs, scored.targets
+    paths = {
+        "predictions": write_predictions_csv(
+            out / "predictions.csv", files, probs.numpy(), targets.numpy(), classes
+        )
+    }
+    paths.update(write_plots(out, results, probs, targets, scored.positive))
+    paths["report"] = runs.write_text(out / "report.md", report_md(results))
+    paths["metrics"] = runs.write_json(out / "metrics.json", _jsonable(results))
+    return paths
+
+
+def write_saliency(
+    cfg: DictConfig, loaded: LoadedModel, scored: Scored, folder: Path, out: Path
+) -> list[Path]:
+    """``saliency=N``: overlays of the first N images, for a reviewer to see where it looks.
+
+    The map explains the true class when that is one model class, else the predicted one.
+    """
+    from dwskd.data.folder import read_image
+    from dwskd.data.transforms import eval_transform
+    from dwskd.saliency import write_overlays
+
+    p = loaded.preprocessing
+    files = scored.predictions.files[: int(cfg.saliency)]
+    transform = eval_transform(p.img_size, p.mean, p.std)
+    decoded = [read_image(f, p.img_size, p.in_chans) for f in files]
+    images = torch.stack([transform(image=d)["image"] for d in decoded])
+    raw = [read_image(f, _display_size(f), p.in_chans) for f in files]
+    names = [str(f.relative_to(folder)) for f in files]
+    targets = None
+    if not scored.task.grouped:
+        targets = [scored.task.members[int(t)][0] for t in scored.targets[: len(files)]]
+    labels = list(loaded.label_names)
+    return write_overlays(loaded.model, images, raw, names, out / "saliency", labels, targets)
+
+
+def _display_size(path: Path) -> int:
+    """The overlay's side: the image's larger side (squashed as the model's input), <= 512."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return min(max(image.size), 512)
+
+
+def summary(results: Mapping[str, Any], out: Path) -> str:
+    """The headline numbers and where the full report is."""
+    m, ci, data = results["metrics"], results["intervals"], results["data"]
+    lines = [
+        f"evaluated {results['model']['folder']} on {data['n_images']} image(s) of "
+        f"{data['folder']} ({data['n_skipped']} skipped)"
+    ]
+    for key in INTERVAL_METRICS:
+        lines.append(f"  {key}: {m[key]:.4f} [{ci[key]['low']:.4f}, {ci[key]['high']:.4f}]")
+    lines.append(f"  ece: {m['ece']:.4f}")
+    lines.append(f"wrote {out / 'report.md'} and {out / 'metrics.json'}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.data.root`` and write ``out``; every check comes first."""
+    check_policy(cfg.data.bad_images, "data.bad_images")
+    loaded = load(cfg.model, cfg.model_name)
+    preprocessing = check_preprocessing(cfg.data, loaded.preprocessing, bool(cfg.allow_resize))
+    preprocessing.update(mean=list(loaded.preprocessing.mean), std=list(loaded.preprocessing.std))
+    out = output_dir(cfg, loaded)
+    folder, files = labelled_folder(cfg.data.root)
+    task = build_task(list(files), loaded.label_names, cfg.class_map)
+    positive = positive_index(task, cfg.positive_class)
+    predictions, targets = predict_folder(cfg, loaded, files, task)
+    scored = Scored(task, positive, predictions, task.probabilities(predictions.probs), targets)
+    results = collect_results(cfg, loaded, preprocessing, folder, scored)
+    if int(cfg.saliency) > 0:
+        overlays = write_saliency(cfg, loaded, scored, folder, out)
+        results["saliency"] = [str(p) for p in overlays]
+    write_outputs(out, results, scored, folder)
+    print(summary(results, out))
+    return results
+
+
+main = hydra_main("evaluate", run)  # console script dwskd-eval
+
+
+if __name__ == "__main__":
+    main()
