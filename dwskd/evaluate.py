@@ -161,6 +161,23 @@ def build_task(external: Sequence[str], labels: Sequence[str], class_map: Any) -
     return Task(tuple(order), members, tuple(labels))
 
 
+def chosen_positive(requested: Any, loaded: LoadedModel, task: Task) -> Any:
+    """``positive_class=`` if given, else the run's own positive class when it is scored here."""
+    if requested is not None:
+        return requested
+    trained = (loaded.config.get("dwskd") or {}).get("positive_class")
+    return trained if trained in task.classes else None
+
+
+def positive_source(requested: Any, chosen: Any, positive: int | None) -> str | None:
+    """Where the positive class came from, for the report."""
+    if positive is None:
+        return None
+    if requested is not None:
+        return "positive_class="
+    return "the run's data.positive_class" if chosen is not None else "default: class index 1"
+
+
 def positive_index(task: Task, positive_class: Any) -> int | None:
     """The positive class of a binary task (``positive_class``, default index 1); else None."""
     if len(task.classes) != 2:
@@ -361,7 +378,7 @@ def plot_reliability(
     """Reliability diagram: observed rate per confidence bin against the diagonal, with counts."""
     from matplotlib.figure import Figure
 
-    from dwskd.report import _save
+    from dwskd.report import save_figure
 
     fig = Figure(figsize=(5.5, 6.5))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -389,7 +406,7 @@ def plot_reliability(
         color="grey",
     )
     bottom.set(xlabel=confidence, ylabel="images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(out: Path, results: Mapping, probs, targets, positive: int | None) -> dict:
@@ -474,7 +491,7 @@ def _task_lines(results: Mapping) -> list[str]:
             "(left out; the other probabilities are renormalised).",
         ]
     if task["positive_class"] is not None:
-        how = "default: class index 1" if task["positive_default"] else "positive_class="
+        how = task["positive_source"]
         lines += [
             "",
             f"Positive class (ROC, sensitivity, specificity): **{task['positive_class']}** ({how}).",
@@ -618,7 +635,6 @@ def collect_results(
             "class_map": task.class_map,
             "dropped_model_classes": task.dropped,
             "positive_class": None if positive is None else task.classes[positive],
-            "positive_default": positive is not None and cfg.positive_class is None,
         },
         "metrics": flat,
         "intervals": bootstrap_intervals(probs, targets, flat, cfg.bootstrap),
@@ -634,7 +650,7 @@ def collect_results(
 
 def write_outputs(out: Path, results: dict, scored: Scored, folder: Path) -> dict[str, Path]:
     """predictions.csv, the plots, report.md, then metrics.json (each written atomically)."""
-    from dwskd.report import _jsonable, write_predictions_csv
+    from dwskd.report import jsonable, write_predictions_csv
 
     classes = results["task"]["classes"]
     files = [str(f.relative_to(folder)) for f in scored.predictions.files]
@@ -646,7 +662,7 @@ def write_outputs(out: Path, results: dict, scored: Scored, folder: Path) -> dic
     }
     paths.update(write_plots(out, results, probs, targets, scored.positive))
     paths["report"] = runs.write_text(out / "report.md", report_md(results))
-    paths["metrics"] = runs.write_json(out / "metrics.json", _jsonable(results))
+    paths["metrics"] = runs.write_json(out / "metrics.json", jsonable(results))
     return paths
 
 
@@ -706,10 +722,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg, loaded)
     folder, files = labelled_folder(cfg.data.root)
     task = build_task(list(files), loaded.label_names, cfg.class_map)
-    positive = positive_index(task, cfg.positive_class)
+    chosen = chosen_positive(cfg.positive_class, loaded, task)
+    positive = positive_index(task, chosen)
     predictions, targets = predict_folder(cfg, loaded, files, task)
     scored = Scored(task, positive, predictions, task.probabilities(predictions.probs), targets)
     results = collect_results(cfg, loaded, preprocessing, folder, scored)
+    results["task"]["positive_source"] = positive_source(cfg.positive_class, chosen, positive)
     if int(cfg.saliency) > 0:
         overlays = write_saliency(cfg, loaded, scored, folder, out)
         results["saliency"] = [str(p) for p in overlays]

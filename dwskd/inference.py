@@ -162,10 +162,10 @@ def check_policy(bad_images: str, option: str = "bad_images") -> None:
 
 def decode_all(paths: Sequence[Path], preprocessing: Any, pool: ThreadPoolExecutor) -> list:
     """Each file decoded as training decoded it (uint8 HxWxC), or the error it raised."""
-    from dwskd.data.folder import _try_read
+    from dwskd.data.folder import try_read_image
 
     size, channels = preprocessing.img_size, preprocessing.in_chans
-    return list(pool.map(lambda p: _try_read(Path(p), size, channels), paths))
+    return list(pool.map(lambda p: try_read_image(Path(p), size, channels), paths))
 
 
 def bad_image_error(path: Path, err: Exception, option: str) -> DataError:

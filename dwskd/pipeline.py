@@ -352,6 +352,7 @@ def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -
             "data": run["data"],
             "seed": run["seed"],
             "git": run["git"],
+            "positive_class": entry["test"].get("positive_class"),
             "metrics": {split: scalar_only(entry[split]) for split in ("val", "test")},
         }
         folder = exported.write_model_folder(

@@ -55,14 +55,14 @@ TABLE_HEADER = (
 # --------------------------------------------------------------------------- metrics.json
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON values: tensors/arrays to lists, paths to str, NaN/inf to null (strict JSON)."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -83,7 +83,7 @@ def with_model_keys(results: Mapping[str, Any]) -> dict[str, Any]:
 def write_metrics_json(layout: RunLayout, results: dict) -> Path:
     """Write ``metrics.json`` (atomically: it is what marks a run finished)."""
     runs.refuse_finished(layout)
-    return runs.write_json(layout.metrics_json, _jsonable(with_model_keys(results)))
+    return runs.write_json(layout.metrics_json, jsonable(with_model_keys(results)))
 
 
 # --------------------------------------------------------------------------- report.md
@@ -108,7 +108,7 @@ def _bullets(mapping: Mapping[str, Any], max_chars: int = 200) -> list[str]:
     """One bullet per key; long nested values (the full config) are left to metrics.json."""
     lines = []
     for key, value in mapping.items():
-        text = json.dumps(_jsonable(value)) if isinstance(value, (Mapping, list)) else str(value)
+        text = json.dumps(jsonable(value)) if isinstance(value, (Mapping, list)) else str(value)
         lines.append(f"- **{key}**: {text if len(text) <= max_chars else '(see metrics.json)'}")
     return lines
 
@@ -223,7 +223,7 @@ def write_report_md(layout: RunLayout, results: dict) -> Path:
 # --------------------------------------------------------------------------- plots
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     return runs.atomic_write(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     )
@@ -238,7 +238,7 @@ def plot_confusion_matrix(
     ax = fig.subplots()
     draw_confusion_matrix(torch.as_tensor(confmat), ax=ax, labels=list(class_names))
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _roc_curves(
@@ -284,7 +284,7 @@ def plot_roc(
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 CURVE_PANELS = ("train loss terms", "val loss", "accuracy")
@@ -347,7 +347,7 @@ def plot_learning_curves(metrics_csv: Path, path: Path, title: str) -> Path | No
         ax.set(xlabel="epoch", title=f"{title}: {panel}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_predictions_csv(

@@ -54,7 +54,7 @@ def _to_uint8(image: Image.Image, mode: str) -> np.ndarray:
     return np.round(255 * (array - low) / max(high - low, 1e-6)).astype(np.uint8)
 
 
-def _try_read(path: Path, img_size: int, channels: int) -> np.ndarray | Exception:
+def try_read_image(path: Path, img_size: int, channels: int) -> np.ndarray | Exception:
     """read_image, returning the error instead of raising it (for a thread pool).
 
     A dangling symlink gets an error naming its missing target: Pillow's would name only the
@@ -126,7 +126,9 @@ class ImageFolderDataModule(BaseDataModule):
         paths = [p for c in class_names for p in files[c]]
         labels = np.array([i for i, c in enumerate(class_names) for _ in files[c]], np.int64)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            decoded = list(pool.map(lambda p: _try_read(p, self.img_size, self.channels), paths))
+            decoded = list(
+                pool.map(lambda p: try_read_image(p, self.img_size, self.channels), paths)
+            )
         bad = [(p, r) for p, r in zip(paths, decoded, strict=True) if isinstance(r, Exception)]
         self._handle_bad_images(bad)
         keep = [i for i, r in enumerate(decoded) if not isinstance(r, Exception)]
