@@ -59,7 +59,8 @@ def test_four_class_model_scored_on_two_external_classes(trained, tmp_path: Path
     results = evaluate(f"model={run_dir}", f"data.root={root}", f"out={out}", TWO_CLASS_MAP)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["task"]["classes"] == ["healthy", "lesion"]
-    assert saved["task"]["positive_class"] == "lesion" and saved["task"]["positive_default"]
+    assert saved["task"]["positive_class"] == "lesion"
+    assert saved["task"]["positive_source"] == "default: class index 1"
     confmat = np.array(saved["metrics"]["confmat"])
     assert confmat.shape == (2, 2) and confmat.sum() == 32
     assert confmat.sum(axis=1).tolist() == [8, 24]  # rows: true healthy, true lesion
@@ -126,7 +127,7 @@ def test_positive_class_option_picks_the_binary_positive(trained, tmp_path: Path
     assert [p.stem for p in overlays] == first
     report = (tmp_path / "e" / "report.md").read_text()
     assert f"![{first[0]}](saliency/{first[0]}.png)" in report
-    assert not results["task"]["positive_default"]
+    assert results["task"]["positive_source"] == "positive_class="
     assert results["metrics"]["sensitivity"] == results["metrics"]["sensitivity/healthy"]
     assert results["metrics"]["specificity"] == results["metrics"]["specificity/healthy"]
 
@@ -265,3 +266,17 @@ def test_external_brain_mri_subset_as_tumour_vs_no_tumour(real_data_dir: Path, t
     for ci in results["intervals"].values():
         assert ci["low"] <= ci["value"] <= ci["high"]
     assert (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_positive_class_defaults_to_the_runs_own() -> None:
+    from dwskd.evaluate import Task, chosen_positive, positive_index, positive_source
+    from dwskd.inference import LoadedModel
+
+    task = Task(("COVID", "NonCOVID"), ((0,), (1,)), ("COVID", "NonCOVID"))
+    loaded = LoadedModel(Path("."), None, {"dwskd": {"positive_class": "COVID"}}, None)
+    chosen = chosen_positive(None, loaded, task)
+    assert positive_index(task, chosen) == 0
+    assert positive_source(None, chosen, 0) == "the run's data.positive_class"
+    assert positive_index(task, chosen_positive("NonCOVID", loaded, task)) == 1
+    other = Task(("healthy", "lesion"), ((0,), (1, 2)), ("COVID", "NonCOVID", "x"))
+    assert positive_index(other, chosen_positive(None, loaded, other)) == 1  # run's not scored
