@@ -20,7 +20,7 @@ install: $(PY) ## create .venv and install dwskd (editable) with its dev, medmni
 	$(PY) -m pip install -e ".[dev,medmnist,export]"
 	$(PY) -c "import torchvision, timm, lightning, onnxruntime, dwskd; print('dwskd', dwskd.__version__, 'installed: torch', __import__('torch').__version__)"
 
-test: ## fast test suite (excludes @slow; ~10 min on 2 cores)
+test: ## fast test suite (excludes @slow; ~4 min on 2 idle cores)
 	$(PY) -m pytest -m "not slow" -q
 
 test-full: ## every test, including slow ones
@@ -43,7 +43,7 @@ select: ## weight selection CLI (ARGS="teacher.source=file teacher.file=... out=
 paper: ## the full comparison table on real data (hours on 2 cores; resumes) -> experiments/results/
 	$(PY) -m experiments.paper $(ARGS)
 
-paper-quick: ## one dataset (lung_ct), one seed, tiny epochs (minutes)
+paper-quick: ## one dataset (lung_ct), one seed, tiny epochs (~14 min on 2 cores)
 	$(PY) -m experiments.paper --quick $(ARGS)
 
 investigate: ## dwskd knob variants vs baselines on lung_ct, VALIDATION metrics (after make paper)
