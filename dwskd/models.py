@@ -6,6 +6,7 @@ rest of dwskd only ever sees ``nn.Module`` objects and plain state dicts.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -249,7 +250,67 @@ def load_weights_file(model: nn.Module, path: str | Path, *, what: str = "teache
     Raises a clear error when the file belongs to another architecture or family.
     Returns True when the head was re-initialised.
     """
-    state, head_dropped = adapt_state_dict(read_state_dict(path, option=what), model)
+    return _load_state(model, read_state_dict(path, option=what), path, what)
+
+
+def load_matched_head(
+    model: nn.Module, path: str | Path, class_names: list[str], *, what: str = "teacher.file"
+) -> list[int]:
+    """``teacher.head=match``: the file's body, and of its head the rows of the task's classes.
+
+    A teacher trained on a union of tasks already knows ``lung_COVID``: keeping that row for
+    the task's ``COVID`` keeps what it learnt instead of starting the head from scratch.
+    Returns the teacher rows used, in the task's class order.
+    """
+    labels = file_label_names(path)
+    if not labels:
+        raise ModelConfigError(
+            f"teacher.head=match needs the label names of {what}={path} (safetensors metadata "
+            "'label_names' or a config.json beside it); use teacher.head=auto otherwise."
+        )
+    rows = matched_rows(labels, class_names)
+    state = read_state_dict(path, option=what)
+    for key in _classifier_keys(model):
+        if key in state:
+            state[key] = state[key][rows]
+    _load_state(model, state, path, what)
+    return rows
+
+
+def matched_rows(teacher_labels: list[str], class_names: list[str]) -> list[int]:
+    """Teacher label of each class: the same name, or it after a source prefix (lung_COVID)."""
+    rows = []
+    for name in class_names:
+        hits = [i for i, t in enumerate(teacher_labels) if t == name or t.endswith(f"_{name}")]
+        if len(hits) != 1:
+            raise ModelConfigError(
+                f"teacher.head=match: class {name!r} matches {len(hits)} teacher labels "
+                f"({[teacher_labels[i] for i in hits]}) of {teacher_labels}; it needs exactly one. "
+                "Use teacher.head=auto (a new head) for this task."
+            )
+        rows.append(hits[0])
+    return rows
+
+
+def file_label_names(path: str | Path) -> list[str] | None:
+    """Label names recorded with a weights file: safetensors metadata or a config.json beside it."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("label_names"):
+            return list(json.loads(meta["label_names"]))
+    config = path.parent / "config.json"
+    if config.is_file():
+        names = json.loads(config.read_text()).get("label_names")
+        return list(names) if names else None
+    return None
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path, what: str) -> bool:
+    state, head_dropped = adapt_state_dict(state, model)
     target = model.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]

@@ -32,6 +32,7 @@ from dwskd.runs import RunDirectory, StageOutput, StageRunner
 log = logging.getLogger(__name__)
 
 TEACHER_SOURCES = ("hub", "file", "fit", "random")
+TEACHER_HEADS = ("auto", "reinit", "match")
 REPORT_NAMES = ("student_a", "student_b")
 
 
@@ -97,7 +98,8 @@ def stage_epochs(cfg: DictConfig, stage: str) -> int:
 # ------------------------------------------------------------------------ checks
 def check_options(ctx: Context) -> None:
     """Fail before any training on options that cannot work (clear messages, no wasted hours)."""
-    check_method(ctx.cfg.method, ctx.cfg.teacher.source)
+    check_teacher(ctx.cfg.teacher)
+    check_method(ctx.cfg.method)
     check_evaluation(ctx.cfg)
     if not ctx.options.labels and ctx.cfg.data.get("views", 1) != 2:
         raise ValueError(
@@ -106,9 +108,17 @@ def check_options(ctx: Context) -> None:
     check_models(ctx)
 
 
-def check_method(method: DictConfig, teacher_source: str) -> None:
-    if teacher_source not in TEACHER_SOURCES:
-        raise ValueError(f"teacher.source={teacher_source} must be one of {TEACHER_SOURCES}")
+def check_teacher(tcfg: DictConfig) -> None:
+    if tcfg.source not in TEACHER_SOURCES:
+        raise ValueError(f"teacher.source={tcfg.source} must be one of {TEACHER_SOURCES}")
+    head = tcfg.get("head", "auto")
+    if head not in TEACHER_HEADS:
+        raise ValueError(f"teacher.head={head} must be one of {TEACHER_HEADS}")
+    if head == "match" and tcfg.source != "file":
+        raise ValueError("teacher.head=match needs teacher.source=file (a file with label names)")
+
+
+def check_method(method: DictConfig) -> None:
     if method.students not in (0, 1, 2):
         raise ValueError(f"method.students={method.students} must be 0 (teacher only), 1 or 2")
     if method.init not in ("select", "random"):
@@ -170,10 +180,10 @@ def teacher_stage(ctx: Context) -> nn.Module:
     tcfg = ctx.cfg.teacher
 
     def fit() -> StageOutput:
-        teacher, head_changed = initial_teacher(tcfg, ctx.shape)
+        teacher, head_changed = initial_teacher(tcfg, ctx.shape, ctx.datamodule.class_names)
         epochs = 0 if tcfg.source == "random" else stage_epochs(ctx.cfg, "teacher")
         facts = {"epochs": epochs, "source": tcfg.source, "file": tcfg.get("file")}
-        facts["head"] = "re-initialised" if head_changed else "kept"
+        facts["head"] = head_fact(tcfg.get("head", "auto"), head_changed)
         if epochs > 0:
             plain = ctx.options.cross_entropy_only()
             facts.update(ctx.fit("teacher", ctx.module([teacher], "teacher", plain)))
@@ -187,8 +197,20 @@ def teacher_stage(ctx: Context) -> nn.Module:
     return ctx.runner.run("teacher", blank, fit).models["teacher"]
 
 
-def initial_teacher(tcfg: DictConfig, shape: Mapping[str, int]) -> tuple[nn.Module, bool]:
-    """The teacher before any training, and whether its classifier head is new."""
+def head_fact(option: str, changed: bool) -> str:
+    if option == "match":
+        return "matched rows of the source head"
+    return "re-initialised" if changed else "kept"
+
+
+def initial_teacher(
+    tcfg: DictConfig, shape: Mapping[str, int], class_names: list[str]
+) -> tuple[nn.Module, bool]:
+    """The teacher before any training, and whether its classifier head differs from the source.
+
+    ``teacher.head``: ``auto`` keeps a loaded head whose label space matches, else a new one;
+    ``reinit`` always a new one; ``match`` keeps the source head's rows of the task's classes.
+    """
     if tcfg.source == "hub":
         teacher = models.create_hub_model(tcfg, **shape)
         head_changed = teacher.pretrained_cfg.get("num_classes") != shape["num_classes"]
@@ -197,7 +219,11 @@ def initial_teacher(tcfg: DictConfig, shape: Mapping[str, int]) -> tuple[nn.Modu
         if tcfg.source == "file":
             if not tcfg.get("file"):
                 raise ValueError("teacher.source=file needs teacher.file=/path/to/weights")
-            head_changed = models.load_weights_file(teacher, tcfg.file)
+            if tcfg.get("head", "auto") == "match":
+                rows = models.load_matched_head(teacher, tcfg.file, list(class_names))
+                log.info("teacher.head=match: teacher head rows %s for %s", rows, class_names)
+            else:
+                head_changed = models.load_weights_file(teacher, tcfg.file)
         elif tcfg.source == "random":
             log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
     if tcfg.get("head", "auto") == "reinit":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dwskd import machine
+from dwskd import machine, models
 from dwskd.models import (
     ModelConfigError,
     check_input_size,
@@ -311,3 +312,24 @@ def test_tiny_vit_seeds_give_distinct_weights() -> None:
     """tiny_vit's seed gives distinct weights (the round trips above would pass vacuously)."""
     a, b = tiny_vit(seed=1), copy.deepcopy(tiny_vit(seed=2))
     assert not torch.equal(a.state_dict()["head.weight"], b.state_dict()["head.weight"])
+
+
+def test_head_match_keeps_the_rows_of_the_tasks_classes(tmp_path: Path) -> None:
+    """A union teacher (lung_COVID, ...) keeps its COVID / NonCOVID rows for the lung task."""
+    labels = ["brain_glioma", "chest_NORMAL", "lung_COVID", "lung_NonCOVID"]
+    source = tiny_vit(num_classes=4)
+    path = tmp_path / "union.safetensors"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(path), metadata={"label_names": json.dumps(labels)})
+    assert models.matched_rows(labels, ["COVID", "NonCOVID"]) == [2, 3]
+    student_task = tiny_vit(seed=1, num_classes=2)
+    rows = models.load_matched_head(student_task, path, ["COVID", "NonCOVID"])
+    assert rows == [2, 3]
+    assert torch.equal(student_task.head.weight, source.head.weight[[2, 3]])
+    assert torch.equal(student_task.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+    with pytest.raises(models.ModelConfigError, match="matches 0 teacher labels"):
+        models.load_matched_head(tiny_vit(num_classes=2), path, ["cat", "dog"])
+    unlabelled = tmp_path / "plain.safetensors"
+    save_file(state, str(unlabelled))
+    with pytest.raises(models.ModelConfigError, match="needs the label names"):
+        models.load_matched_head(tiny_vit(num_classes=2), unlabelled, ["COVID", "NonCOVID"])
