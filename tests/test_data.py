@@ -254,6 +254,62 @@ def test_bad_option_values_name_the_option(tiny_root: Path, option: str, value: 
         folder_dm(tiny_root, **{option: value})
 
 
+# -- class subset (data.classes) -----------------------------------------------------------
+@pytest.fixture
+def three_class_root(tmp_path: Path) -> Path:
+    counts = {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 3, "b": 3, "c": 3}}
+    return make_folder(tmp_path / "abc", counts)
+
+
+def test_class_subset_keeps_sorted_classes_and_the_full_tasks_val_split(
+    three_class_root: Path,
+) -> None:
+    full = folder_dm(three_class_root, val_fraction=0.3)
+    subset = folder_dm(three_class_root, val_fraction=0.3, classes=["c", "a"])  # any order
+    full.setup()
+    subset.setup()
+    assert subset.class_names == ["a", "c"] and subset.summary()["val_from_train"]
+    for split in ("train", "val", "test"):
+        data, whole = subset.split(split), full.split(split)
+        assert not any(n.startswith("b_") for n in data.names)
+        assert [n[0] for n in data.names] == [subset.class_names[i] for i in data.labels]
+        # the same images as the full task's, minus class b: the val split is not redrawn
+        assert data.names == [n for n in whole.names if not n.startswith("b_")]
+    assert subset.class_counts("test").tolist() == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        (["a", "tumour"], r"data.classes names \['tumour'\].*\['a', 'b', 'c'\]"),
+        (["a"], "fewer than two"),
+        (["a", "a"], "twice"),
+        ("a", "must be a list"),
+    ],
+)
+def test_bad_class_subset_names_the_option(
+    three_class_root: Path, classes: object, message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        folder_dm(three_class_root, classes=classes).setup()
+
+
+def test_brain_mri_configs_point_at_their_datasets() -> None:
+    from hydra import compose, initialize_config_dir
+
+    roots = {}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for name in ("brain_mri", "brain_mri_sartaj", "brain_mri_tumour_type"):
+            cfg = compose("config", overrides=[f"data={name}", "paths.data_dir=/d"])
+            roots[name] = (cfg.data.root, cfg.data.classes, cfg.data.name)
+    assert roots["brain_mri"] == ("/d/brain_mri_tumor_nickparvar", None, "brain_mri")
+    assert roots["brain_mri_sartaj"][0] == "/d/brain_mri_tumor_4class"
+    assert roots["brain_mri_tumour_type"][:2] == (
+        "/d/brain_mri_tumor_nickparvar",
+        ["glioma", "meningioma", "pituitary"],
+    )
+
+
 # -- synthetic ----------------------------------------------------------------------------
 def test_synthetic_is_deterministic_balanced_and_seed_dependent() -> None:
     sizes = {"n_train": 40, "n_val": 12, "n_test": 20}
@@ -310,7 +366,8 @@ def data_dir() -> Path:
     [
         ("chest_xray", "chest_xray_pneumonia"),
         ("lung_ct", "lung_ct_covid"),
-        ("brain_mri", "brain_mri_tumor_4class"),
+        ("brain_mri", "brain_mri_tumor_nickparvar"),
+        ("brain_mri_tumour_type", "brain_mri_tumor_nickparvar"),
         ("pneumoniamnist", "medmnist/pneumoniamnist.npz"),
     ],
 )

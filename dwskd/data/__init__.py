@@ -1,4 +1,4 @@
-"""LightningDataModules for dwskd: image folders, MedMNIST, and the synthetic default.
+"""LightningDataModules for dwskd: image folders, MedMNIST, a union of sources, and the synthetic default.
 
 Configs in ``conf/data/`` instantiate these through ``hydra.utils.instantiate(cfg.data)``.
 """
@@ -9,6 +9,7 @@ from dwskd.data.folder import ImageFolderDataModule
 from dwskd.data.medmnist import MedMNISTDataModule
 from dwskd.data.splits import groups_from_regex, stratified_split
 from dwskd.data.synthetic import SyntheticDataModule
+from dwskd.data.union import UnionDataModule
 
 __all__ = [
     "BaseDataModule",
@@ -17,6 +18,7 @@ __all__ = [
     "MedMNISTDataModule",
     "SplitData",
     "SyntheticDataModule",
+    "UnionDataModule",
     "groups_from_regex",
     "stratified_split",
 ]

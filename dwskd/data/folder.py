@@ -76,6 +76,35 @@ def _require_each_class(labels: np.ndarray, class_names: list[str], files: dict)
             raise DataError(f"No readable image left in class folder {str(folder)!r}.")
 
 
+def select_classes(wanted: Sequence[str] | None, available: list[str], root: Path) -> list[str]:
+    """The ``data.classes`` kept, in sorted order (None: all); unknown or repeated names fail."""
+    if wanted is None:
+        return available
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise DataError(
+            f"data.classes names {unknown}, which are not class folders of {str(root)!r}; "
+            f"use some of {available} (or data.classes=null for all)."
+        )
+    if len(set(wanted)) != len(wanted):
+        raise DataError(f"data.classes={list(wanted)} names a class twice; name each once.")
+    if len(wanted) < 2:
+        raise DataError(
+            f"data.classes={list(wanted)} keeps fewer than two classes; a classifier needs "
+            f"at least two of {available}."
+        )
+    return sorted(wanted)
+
+
+def keep_classes(data: SplitData, class_names: list[str], kept: list[str]) -> SplitData:
+    """The images of the ``kept`` classes, relabelled to their index in ``kept``."""
+    new_label = np.full(len(class_names), -1, dtype=np.int64)
+    for i, name in enumerate(kept):
+        new_label[class_names.index(name)] = i
+    subset = data.subset(np.flatnonzero(new_label[data.labels] >= 0))
+    return SplitData(subset.images, new_label[subset.labels], subset.names, subset.skipped)
+
+
 class LazyImages:
     """Reads files on every access (``cache=false``): little memory, more CPU per epoch."""
 
@@ -94,7 +123,12 @@ class LazyImages:
 class ImageFolderDataModule(BaseDataModule):
     """Any ``<root>/<split>/<class>/*`` dataset; val is drawn from train when absent.
 
-    ``bad_images``: ``skip`` (warn, count in ``summary()``) or ``error`` (raise naming the
+    ``classes`` (None: every class folder) keeps only the named class folders in every split;
+    label indices follow the names' sorted order whatever order they are given in, so
+    ``[b, a]`` and ``[a, b]`` give the same task and the same head. A validation split drawn
+    from train is drawn over *all* classes first and then subset, so the subset task's val
+    images are exactly the full task's val images of those classes (a teacher trained on the
+    full task's train split never sees them). ``bad_images``: ``skip`` (warn, count in ``summary()``) or ``error`` (raise naming the
     file), for undecodable images and dangling symlinks alike. Identical files in two class
     folders of a split, or in two splits, always raise. ``download_hint`` is shown when the
     root is missing.
@@ -106,20 +140,32 @@ class ImageFolderDataModule(BaseDataModule):
         name: str = "folder",
         bad_images: str = "skip",
         download_hint: str | None = None,
+        classes: Sequence[str] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(name=name, **options)
         require_choice("bad_images", bad_images, ("skip", "error"))
         self.root, self.bad_images, self.download_hint = str(root), bad_images, download_hint
+        if isinstance(classes, str):
+            raise DataError(
+                f"data.classes={classes!r} must be a list of class folders, "
+                f"e.g. data.classes=[{classes},<another>]."
+            )
+        self.classes = None if classes is None else [str(c) for c in classes]
 
     def _load_splits(self) -> tuple[dict[str, SplitData], list[str]]:
         root = Path(self.root).expanduser()
         require_root(root, self.download_hint)
         files = {split: scan_split(d) for split, d in find_split_dirs(root).items()}
         class_names = check_class_sets({s: list(by_class) for s, by_class in files.items()})
+        kept = select_classes(self.classes, class_names, root)
         check_no_duplicates(files)
         splits = {s: self._read_split(by_class, class_names) for s, by_class in files.items()}
-        return splits, class_names
+        if kept == class_names:
+            return splits, class_names
+        if "val" not in splits:  # drawn over all classes: the same val as the full task's
+            splits = self._with_val_from_train(splits)
+        return {s: keep_classes(d, class_names, kept) for s, d in splits.items()}, kept
 
     def _read_split(self, files: dict[str, list[Path]], class_names: list[str]) -> SplitData:
         """Decode a split's files, apply the bad-image policy, keep pixels or paths."""
