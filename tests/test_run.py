@@ -278,7 +278,7 @@ def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> 
     path = tmp_path / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     cfg.teacher.file = str(path)
-    teacher, head_changed = initial_teacher(cfg.teacher, shape)
+    teacher, head_changed = initial_teacher(cfg.teacher, shape, ["a", "b", "c", "d"])
     assert head_changed == (head == "reinit")
     same_body = torch.equal(teacher.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     same_head = torch.equal(teacher.head.weight, source.head.weight)
