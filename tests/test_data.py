@@ -35,9 +35,9 @@ def write_image(path: Path, seed: int, mode: str = "L", size: int = 20) -> Path:
     return path
 
 
-def make_folder(root: Path, counts: dict[str, dict[str, int]]) -> Path:
-    """<root>/<split>/<class>/<i>.png with distinct random images."""
-    seed = 0
+def make_folder(root: Path, counts: dict[str, dict[str, int]], first_seed: int = 0) -> Path:
+    """<root>/<split>/<class>/<class>_<i>.png, distinct random images (seeds from first_seed)."""
+    seed = first_seed
     for split, per_class in counts.items():
         for cls, n in per_class.items():
             for i in range(n):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,8 @@ from dwskd.evaluate import (
     run,
 )
 from dwskd.runs import RunLayout, read_results
-from tests.conftest import REPO
-from tests.test_predict import ENV, folder_run
+from tests.conftest import run_module
+from tests.test_predict import folder_run
 
 LESIONS = ["ring_enhancing", "round_bright", "spiculated"]
 TWO_CLASS_MAP = "class_map={healthy: normal, lesion: [ring_enhancing, round_bright, spiculated]}"
@@ -206,14 +204,7 @@ def test_reliability_bins_give_torchmetrics_ece() -> None:
 
 
 def test_help_exits_0() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "dwskd.evaluate", "--help"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_module("dwskd.evaluate", "--help")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Usage: python -m dwskd.evaluate model=" in done.stdout and "class_map" in done.stdout
 

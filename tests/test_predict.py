@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from dwskd.inference import InferenceError, csv_inputs, image_files
 from dwskd.pipeline import run_pipeline
 from dwskd.predict import run
 from dwskd.runs import RunLayout, read_results
-from tests.conftest import REPO, compose_config
+from tests.conftest import compose_config, run_module
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
 FILE_SIZE = 48  # the files are larger than the model input: decoding must resize them (to 32)
@@ -180,26 +178,12 @@ def test_bad_options_are_refused_before_any_work(trained, tmp_path: Path) -> Non
 def test_command_line_predicts_and_help_exits_0(trained, tmp_path: Path) -> None:
     data, run_dir = trained
     out = tmp_path / "preds.csv"
-    cmd = [sys.executable, "-m", "dwskd.predict", f"model={run_dir}", f"input={data / 'test'}"]
-    done = subprocess.run(
-        [*cmd, f"out={out}", "progress=false"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [f"model={run_dir}", f"input={data / 'test'}", f"out={out}", "progress=false"]
+    done = run_module("dwskd.predict", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(read_rows(out)) == 32 and f"wrote {out}" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]  # nothing else written
-    helped = subprocess.run(
-        [sys.executable, "-m", "dwskd.predict", "--help"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    helped = run_module("dwskd.predict", "--help")
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert (
         "Usage: python -m dwskd.predict model=" in helped.stdout and "bad_images" in helped.stdout

@@ -18,7 +18,7 @@ from dwskd.data.checks import SPLITS, file_digest, scan_split
 from dwskd.data.splits import groups_from_regex
 from dwskd.data.union import concat_splits
 from tests.conftest import compose_config
-from tests.test_data import write_image
+from tests.test_data import make_folder
 
 TEACHER_HEAD = [
     "brain_glioma",
@@ -87,17 +87,6 @@ def assert_no_leakage(dm: UnionDataModule, sources: dict[str, dict]) -> None:
     # union train is exactly the reference train files (above), none of whose bytes is a val or
     # test file (file names alone could not tell: train/x.png and test/x.png may both exist)
     assert train_digests.isdisjoint(held_out_digests)
-
-
-def make_folder(root: Path, counts: dict[str, dict[str, int]], first_seed: int) -> Path:
-    """<root>/<split>/<class>/<class>_<i>.png, distinct random images (seeds from first_seed)."""
-    seed = first_seed
-    for split, per_class in counts.items():
-        for cls, n in per_class.items():
-            for i in range(n):
-                seed += 1
-                write_image(root / split / cls / f"{cls}_{i}.png", seed)
-    return root
 
 
 def folder_source(root: Path, **options) -> dict:
