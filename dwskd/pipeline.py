@@ -56,6 +56,7 @@ class Context:
         options: DistillOptions,
         teacher: nn.Module | None = None,
     ) -> DistillModule:
+        """The stage's LightningModule; a sub-step (``teacher_probe``) uses its stage's lr."""
         cfg, dm = self.cfg, self.datamodule
         balance = cfg.data.get("balance", "none") == "loss"
         return DistillModule(
@@ -64,7 +65,7 @@ class Context:
             class_names=dm.class_names,
             options=options,
             optimizer=instantiate(cfg.optimizer),
-            lr=float(cfg.method.lr[stage]),
+            lr=float(cfg.method.lr[stage.split("_")[0]]),
             warmup_fraction=cfg.scheduler.warmup_fraction,
             min_lr_ratio=cfg.scheduler.min_lr_ratio,
             teacher=teacher,
@@ -72,10 +73,10 @@ class Context:
             monitor=(self.lightning.monitor.metric, self.lightning.monitor.mode),
         )
 
-    def fit(self, stage: str, module: DistillModule) -> dict[str, Any]:
+    def fit(self, stage: str, module: DistillModule, epochs: int | None = None) -> dict[str, Any]:
         """Train one stage for its epochs from its own seed; returns what to record."""
         ckpt, self.pending_ckpt = self.pending_ckpt, None
-        epochs = stage_epochs(self.cfg, stage)
+        epochs = stage_epochs(self.cfg, stage) if epochs is None else epochs
         seed = self.runner.seed_of(stage)
         self.datamodule.loader_seed = seed
         facts = training.fit_stage(
@@ -184,6 +185,9 @@ def teacher_stage(ctx: Context) -> nn.Module:
         epochs = 0 if tcfg.source == "random" else stage_epochs(ctx.cfg, "teacher")
         facts = {"epochs": epochs, "source": tcfg.source, "file": tcfg.get("file")}
         facts["head"] = head_fact(tcfg.get("head", "auto"), head_changed)
+        probe = int(tcfg.get("probe_epochs") or 0) if tcfg.source in ("file", "hub") else 0
+        if probe > 0 and head_changed:
+            facts["probe"] = probe_head(ctx, teacher, probe)
         if epochs > 0:
             plain = ctx.options.cross_entropy_only()
             facts.update(ctx.fit("teacher", ctx.module([teacher], "teacher", plain)))
@@ -195,6 +199,30 @@ def teacher_stage(ctx: Context) -> nn.Module:
         return {"teacher": models.create_model(tcfg, **ctx.shape)}
 
     return ctx.runner.run("teacher", blank, fit).models["teacher"]
+
+
+def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
+    """Linear probe: train only a new head for ``teacher.probe_epochs`` before fine-tuning.
+
+    Why: the first full fine-tuning steps with a random head push large, meaningless
+    gradients into pretrained features (the lung CT pilot lost accuracy that way). The
+    probe's checkpoints go when it ends: a resume replays it exactly from its seed.
+    """
+    head = {id(p) for p in teacher.get_classifier().parameters()}
+    body = [p for p in teacher.parameters() if id(p) not in head and p.requires_grad]
+    for p in body:
+        p.requires_grad_(False)
+    pending, ctx.pending_ckpt = ctx.pending_ckpt, None  # ckpt_path= is for the stage proper
+    try:
+        plain = ctx.options.cross_entropy_only()
+        facts = ctx.fit("teacher_probe", ctx.module([teacher], "teacher_probe", plain), epochs)
+    finally:
+        ctx.pending_ckpt = pending
+        for p in body:
+            p.requires_grad_(True)
+    if ctx.run_dir.writer and not ctx.cfg.checkpoint.keep:
+        runs.remove_checkpoints(ctx.run_dir.layout, "teacher_probe")
+    return facts
 
 
 def head_fact(option: str, changed: bool) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 LAYOUT_VERSION = 2
 STAGES = ("teacher", "select", "train", "finetune")
 # Each stage draws its randomness from seed + this offset (documented in README "Seeds").
-STAGE_SEED_OFFSETS = {"teacher": 0, "select": 1, "train": 2, "finetune": 3}
+STAGE_SEED_OFFSETS = {"teacher": 0, "select": 1, "train": 2, "finetune": 3, "teacher_probe": 4}
 # Keys that change how a run is logged or shown, never what it computes: a resume may change them.
 IGNORED_KEYS = (
     "logger",

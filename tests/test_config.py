@@ -104,3 +104,34 @@ def test_unchanged_teacher_file_is_referenced_not_copied(tmp_path: Path) -> None
     weights.write_bytes(weights.read_bytes()[:-8] + b"changed!")
     with pytest.raises(runs.RunDirError, match="has changed"):
         run_pipeline(student, tmp_path / "ws")
+
+
+def test_linear_probe_trains_only_the_new_head_of_a_file_teacher(tmp_path: Path) -> None:
+    """teacher.probe_epochs: a new head learns while the pretrained body stays as loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from dwskd.models import create_model
+
+    cfg = compose_config("method=teacher", "eval.latency=false")
+    source = create_model(cfg.teacher, num_classes=3, in_chans=1, img_size=32)  # 3 != 4 classes
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    overrides = ("teacher.source=file", f"teacher.file={weights}", "teacher.probe_epochs=1")
+    results = run_pipeline(
+        compose_config(
+            "method=teacher",
+            "eval.latency=false",
+            "method.epochs.teacher=0",
+            "trainer.max_epochs=null",
+            *overrides,
+        ),
+        tmp_path / "run",
+    )
+    layout = runs.RunLayout(tmp_path / "run")
+    assert results["run"]["stages"]["teacher"]["probe"]["epochs"] == 1
+    assert "train/a/ce_epoch" in layout.metrics_csv("teacher_probe").read_text().splitlines()[0]
+    assert not list((tmp_path / "run").rglob("*.ckpt")), "probe checkpoints left behind"
+    trained = load_file(str(layout.final_weights("teacher")))
+    body = "blocks.0.mlp.fc1.weight"
+    assert torch.equal(trained[body], source.state_dict()[body]), "the probe moved the body"
+    assert trained["head.weight"].shape == (4, source.head.weight.shape[1])
