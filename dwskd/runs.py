@@ -311,7 +311,6 @@ class RunDirectory:
     ) -> None:
         self.layout, self.lock, self.record = layout, lock, record
         self.changes = dict(changes or {})  # config keys changed since the stopped run started
-        self.started = False
 
     @property
     def writer(self) -> bool:
@@ -325,7 +324,6 @@ class RunDirectory:
         hydra_files: Mapping[str, str] | None = None,
     ) -> None:
         """Record this start (first start, or a restart with its config changes)."""
-        self.started = True
         if not self.writer:
             return
         if self.record is None:

@@ -148,14 +148,11 @@ def stage_callbacks(factories: LightningFactories, ckpt_dir: Path, seed: int, lo
     return callbacks
 
 
-def checkpoint_position(path: Path) -> tuple[int, int, dict]:
-    """(epoch, global step, dwskd metadata) of a Lightning checkpoint, read without its code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0)), ckpt.get("dwskd", {})
-
-
-def check_checkpoint(path: Path, stage: str, module: L.LightningModule, option: str) -> None:
-    """Refuse a checkpoint of another stage or of other models, naming ``option`` and both."""
+def check_checkpoint(
+    path: Path, stage: str, module: L.LightningModule, option: str
+) -> tuple[int, int]:
+    """Refuse a checkpoint of another stage or of other models, naming ``option`` and both;
+    else return its (epoch, global step). Read once, without running code from it."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     meta = ckpt.get("dwskd") or {}
     if meta.get("stage") not in (None, stage):
@@ -173,6 +170,7 @@ def check_checkpoint(path: Path, stage: str, module: L.LightningModule, option: 
             f"keys (e.g. {missing[:3]}), {len(wrong)} with other shapes (e.g. {wrong[:3]}). "
             "Was it written by a run with another model/method/data? Drop the option or fix it."
         )
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0))
 
 
 def fit_stage(
@@ -193,8 +191,8 @@ def fit_stage(
     if explicit_ckpt and resume is None:
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist; give a Lightning .ckpt file.")
     if resume is not None:
-        check_checkpoint(resume, stage, module, "ckpt_path" if explicit_ckpt else "last.ckpt")
-        epoch, step, _ = checkpoint_position(resume)
+        option = "ckpt_path" if explicit_ckpt else "last.ckpt"
+        epoch, step = check_checkpoint(resume, stage, module, option)
         keep_until = (epoch, step)
         run_dir.note_resume(stage, epoch + 1, step)
         log.info("stage %s: resuming from %s (epoch %d done)", stage, resume, epoch)
