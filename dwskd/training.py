@@ -132,9 +132,38 @@ class FlushLoggers(Callback):
         self._flush(trainer)
 
 
+class ValCurve(Callback):
+    """Each student's monitored validation metric after every epoch, kept in the checkpoints.
+
+    Why: convergence (how many epochs a method needs to reach a baseline's score) is read from
+    these curves, and a resumed stage must still have the epochs it ran before the kill.
+    Recorded at ``on_validation_end``, before ``ModelCheckpoint`` (always last) saves.
+    """
+
+    def __init__(self) -> None:
+        self.curve: dict[str, list[float]] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metric = getattr(pl_module, "monitor_metric", "acc")
+        for name in getattr(pl_module, "names", []):
+            value = trainer.callback_metrics.get(f"val/{name}/{metric}")
+            if value is not None:
+                points = self.curve.setdefault(name, [])
+                del points[trainer.current_epoch :]  # a re-validated epoch replaces its value
+                points.append(round(float(value), 6))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = {k: list(v) for k, v in state_dict.get("curve", {}).items()}
+
+
 def stage_callbacks(factories: LightningFactories, ckpt_dir: Path, seed: int, logged: bool):
     """Fresh callbacks for one stage; checkpoints go to the stage's own folder."""
-    callbacks: list[Callback] = [StepSeed(seed), FlushLoggers()]
+    callbacks: list[Callback] = [StepSeed(seed), FlushLoggers(), ValCurve()]
     for factory in factories.callbacks.values():
         cls = getattr(factory, "func", None)
         if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
@@ -211,7 +240,8 @@ def fit_stage(
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     finally:
         stage_logging.finish_loggers()
-    return restore_best(trainer, module)
+    curves = [c.curve for c in callbacks if isinstance(c, ValCurve)]
+    return {**restore_best(trainer, module), "val_curve": curves[0]}
 
 
 def restore_best(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:

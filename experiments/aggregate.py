@@ -31,10 +31,13 @@ META_FILE = "paper_meta.json"
 QUALITY = ("acc", "balanced_acc", "f1_macro", "auroc")
 QUALITY_NAMES = ("Accuracy", "Balanced acc", "Macro-F1", "AUROC")
 COSTS = ("params", "flops", "latency_ms")
+VALIDATION = ("val_acc", "teacher_val_acc")  # deployed model's, and the adapted teacher's
 EXTRA_MODELS = ("student_a", "student_b", "ensemble")
 SCENARIO_TITLES = {
     "in_domain": "In-domain teacher (ViT-S trained on the task's own train split)",
     "transfer": "Transfer teacher (ViT-S trained on another modality, head re-initialised)",
+    "pretrained": "Pretrained teacher (ViT-S pretrained on the union of the three train splits, "
+    "adapted to the task)",
 }
 
 
@@ -49,6 +52,7 @@ class Row:
     seed: int
     values: dict[str, float]
     deployed: str
+    curve: tuple[float, ...] = ()  # validation accuracy after each epoch the model trained
 
 
 # ------------------------------------------------------------------------- collecting
@@ -66,15 +70,33 @@ def rows_of_run(path: Path) -> list[Row]:
     names = {"deployed": deployed}
     if "ensemble" in models:
         names.update({name: name for name in EXTRA_MODELS})
+    teacher_val = models.get("teacher", {}).get("val", {}).get("acc")
     rows = []
     for label, name in names.items():
         entry = models[name]
         values = {k: entry["test"].get(k) for k in QUALITY}
         values.update({k: entry.get(k) for k in COSTS})
-        values["wall_time_s"] = wall
+        values.update(wall_time_s=wall, val_acc=entry.get("val", {}).get("acc"))
+        values["teacher_val_acc"] = teacher_val
         seed = int(seed_dir.removeprefix("s"))
-        rows.append(Row(scenario, dataset, method, label, seed, values, deployed))
+        curve = val_curve(results, name) if label == "deployed" else ()
+        rows.append(Row(scenario, dataset, method, label, seed, values, deployed, curve))
     return rows
+
+
+def val_curve(results: Mapping, model: str) -> tuple[float, ...]:
+    """A model's validation accuracy after each epoch it trained: joint training, then fine-tune.
+
+    Runs made before the curves were recorded give an empty curve.
+    """
+    stages = results.get("run", {}).get("stages", {})
+    if model == "teacher":
+        return tuple(stages.get("teacher", {}).get("val_curve", {}).get("a", ()))
+    short = model.removeprefix("student_")
+    curve = list(stages.get("train", {}).get("val_curve", {}).get(short, ()))
+    if stages.get("finetune", {}).get("deployed") == model:
+        curve += stages["finetune"].get("val_curve", {}).get("a", ())
+    return tuple(curve)
 
 
 def collect_rows(root: Path) -> list[Row]:
@@ -106,10 +128,40 @@ def summarise(rows: Sequence[Row]) -> list[dict]:
         record = dict(zip(("scenario", "dataset", "method", "model"), key, strict=True))
         record["seeds"] = " ".join(str(r.seed) for r in sorted(members, key=lambda r: r.seed))
         record["deployed"] = deployed_summary(members)
-        for name in (*QUALITY, *COSTS, "wall_time_s"):
+        for name in (*QUALITY, *COSTS, *VALIDATION, "wall_time_s"):
             mean, std, _ = mean_std(r.values.get(name) for r in members)
             record[f"{name}_mean"], record[f"{name}_std"] = mean, std
         record["n"] = len(members)
+        records.append(record)
+    return records
+
+
+def epochs_to_reach(curve: Sequence[float], target: float) -> int | None:
+    """First epoch (1-based) whose validation accuracy reaches ``target``; None if none does."""
+    return next((epoch for epoch, value in enumerate(curve, 1) if value >= target), None)
+
+
+def convergence(rows: Sequence[Row]) -> list[dict]:
+    """Epochs each method's deployed student needs to reach scratch's final validation accuracy.
+
+    Scratch's final accuracy is that of the epoch it deploys (its best; checkpoints are picked
+    on validation accuracy). Compared seed by seed on the same dataset (scratch runs once and
+    serves every scenario);
+    the mean is over the seeds that reached it, ``reached`` says how many did.
+    """
+    curves = [r for r in rows if r.model == "deployed" and r.curve and r.method != "teacher"]
+    target = {(r.dataset, r.seed): max(r.curve) for r in curves if r.method == "scratch"}
+    groups: dict[tuple, list[tuple[int | None, int]]] = defaultdict(list)
+    for r in curves:
+        if (r.dataset, r.seed) in target:
+            hit = epochs_to_reach(r.curve, target[r.dataset, r.seed])
+            groups[r.scenario, r.dataset, r.method, "deployed"].append((hit, len(r.curve)))
+    records = []
+    for key in sorted(groups, key=sort_key):
+        hits = [hit for hit, _ in groups[key] if hit is not None]
+        record = dict(zip(("scenario", "dataset", "method"), key, strict=False))
+        record.update(n=len(groups[key]), reached=len(hits), budget=max(e for _, e in groups[key]))
+        record["epochs_mean"], record["epochs_std"], _ = mean_std(hits)
         records.append(record)
     return records
 
@@ -156,12 +208,13 @@ def table_rows(records: Sequence[dict], scenario: str, dataset: str) -> list[dic
 
 
 def markdown_table(rows: Sequence[dict]) -> list[str]:
-    header = ["Method", "Model", "n", *QUALITY_NAMES, "Params (M)", "Latency (ms)", "Wall (min)"]
+    header = ["Method", "Model", "n", *QUALITY_NAMES, "Val acc", "Teacher val acc"]
+    header += ["Params (M)", "Latency (ms)", "Wall (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         model = r["model"] if r["model"] != "deployed" else f"deployed ({r['deployed']})"
         cells = [r["method"], model, str(r["n"])]
-        cells += [pct(r[f"{k}_mean"], r[f"{k}_std"]) for k in QUALITY]
+        cells += [pct(r[f"{k}_mean"], r[f"{k}_std"]) for k in (*QUALITY, *VALIDATION)]
         cells.append(plain(r["params_mean"], math.nan, 1e-6, 2))
         cells.append(plain(r["latency_ms_mean"], r["latency_ms_std"], 1.0, 2))
         cells.append(plain(r["wall_time_s_mean"], math.nan, 1 / 60, 1))
@@ -182,11 +235,49 @@ def summary_table(records: Sequence[dict], scenario: str) -> list[str]:
                     f"{pct(r['balanced_acc_mean'], r['balanced_acc_std'])} (n={r['n']})"
                 )
     methods = [m for m in METHODS if any(key[1] == m for key in cells)]
-    lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    header = ["dataset", *methods, "teacher val acc"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for dataset in datasets:
         row = [cells.get((dataset, m), "–") for m in methods]
+        row.append(teacher_val_cell(records, scenario, dataset))
         lines.append(f"| {dataset} | " + " | ".join(row) + " |")
     return lines
+
+
+def teacher_val_cell(records: Sequence[dict], scenario: str, dataset: str) -> str:
+    """Validation accuracy of the scenario's adapted teacher (its own ``teacher`` runs)."""
+    for r in records:
+        if (r["scenario"], r["dataset"], r["method"], r["model"]) == (
+            scenario,
+            dataset,
+            "teacher",
+            "deployed",
+        ):
+            return pct(r["val_acc_mean"], r["val_acc_std"])
+    return "–"
+
+
+def convergence_table(records: Sequence[dict], scenario: str) -> list[str]:
+    """Datasets x methods: epochs to reach scratch's final validation accuracy (seeds reached)."""
+    own = [r for r in records if r["scenario"] in (scenario, "in_domain")]
+    own = [r for r in own if r["scenario"] == scenario or r["method"] in TEACHER_FREE]
+    datasets = sorted({r["dataset"] for r in own if r["scenario"] == scenario})
+    methods = [m for m in METHODS if any(r["method"] == m for r in own)]
+    lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for dataset in datasets:
+        cells = []
+        for method in methods:
+            match = [r for r in own if (r["dataset"], r["method"]) == (dataset, method)]
+            cells.append(convergence_cell(match[0]) if match else "–")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def convergence_cell(record: Mapping) -> str:
+    reached = f"{record['reached']}/{record['n']} seeds"
+    if not record["reached"]:
+        return f"not within {record['budget']} ({reached})"
+    return f"{plain(record['epochs_mean'], record['epochs_std'])} ({reached})"
 
 
 def verdict(rows: Sequence[dict]) -> str | None:
@@ -225,13 +316,48 @@ def header_lines(meta: Mapping | None, root: Path) -> list[str]:
         f"`{' '.join(last['extra']) or 'none'}`",
         f"- transfer teachers: {', '.join(f'{t} <- {s}' for t, s in last['transfer_source'].items())}",
     ]
+    if last.get("pretrained_teacher"):
+        lines.append(
+            f"- pretrained teacher: `{Path(last['pretrained_teacher']).name}`, head "
+            f"`{last.get('pretrained_head', 'match')}`, then fine-tuned "
+            f"{budget['transfer_epochs']} epochs on the task (per dataset and seed)"
+        )
     for entry in meta["invocations"]:
-        lines.append(f"- runs made {entry['date']}:")
+        lines.append(f"- runs made {entry['date']} by `{entry['command']}`:")
         lines += ["  " + line for line in machine_lines(entry["machine"])]
     return lines
 
 
-def markdown(records: Sequence[dict], meta: Mapping | None, root: Path, plot: str | None) -> str:
+def scenarios_of(records: Sequence[dict]) -> list[str]:
+    """In the order of SCENARIO_TITLES; unknown names last."""
+    names = {r["scenario"] for r in records}
+    known = [s for s in SCENARIO_TITLES if s in names]
+    return known + sorted(names - set(known))
+
+
+def comparisons(rows: Sequence[dict]) -> list[str]:
+    """The two questions of the method, on mean test accuracy: ws vs scratch, dwskd vs ws."""
+    deployed = {
+        r["method"].removesuffix(" (no teacher)"): r for r in rows if r["model"] == "deployed"
+    }
+    lines = []
+    for ours, theirs in (("ws", "scratch"), ("dwskd", "ws")):
+        if ours in deployed and theirs in deployed:
+            a, b = deployed[ours], deployed[theirs]
+            gap = 100 * (a["acc_mean"] - b["acc_mean"])
+            noise = 100 * max(np.nan_to_num(a["acc_std"]), np.nan_to_num(b["acc_std"]))
+            size = "within one std" if abs(gap) <= noise else "more than one std"
+            lines.append(f"{ours} vs {theirs}: {gap:+.1f} test accuracy points ({size}).")
+    return lines
+
+
+def markdown(
+    records: Sequence[dict],
+    converged: Sequence[dict],
+    meta: Mapping | None,
+    root: Path,
+    plot: str | None,
+) -> str:
     lines = ["# dwskd vs baselines: test metrics, mean ± std over seeds", ""]
     lines += header_lines(meta, root)
     lines += [
@@ -243,28 +369,57 @@ def markdown(records: Sequence[dict], meta: Mapping | None, root: Path, plot: st
     if plot:
         lines += ["", f"![accuracy per dataset and method]({plot})"]
     lines += ["", "## Summary: deployed model, test accuracy / balanced accuracy (%)"]
-    for scenario in sorted({r["scenario"] for r in records}):
+    for scenario in scenarios_of(records):
         lines += ["", f"**{SCENARIO_TITLES.get(scenario, scenario)}**", ""]
         lines += summary_table(records, scenario)
-    for scenario in sorted({r["scenario"] for r in records}):
+    if converged:
+        lines += ["", CONVERGENCE_TEXT]
+        for scenario in scenarios_of(converged):
+            lines += ["", f"**{SCENARIO_TITLES.get(scenario, scenario)}**", ""]
+            lines += convergence_table(converged, scenario)
+    for scenario in scenarios_of(records):
         lines += ["", f"## {SCENARIO_TITLES.get(scenario, scenario)}"]
         for dataset in sorted({r["dataset"] for r in records if r["scenario"] == scenario}):
             rows = table_rows(records, scenario, dataset)
             lines += ["", f"### {dataset}", "", *markdown_table(rows)]
-            said = verdict(rows)
-            if said:
-                lines += ["", said]
+            said = [verdict(rows), *comparisons(rows)]
+            lines += ["", *(line for line in said if line)] if any(said) else []
     return "\n".join(lines) + "\n"
+
+
+CONVERGENCE_TEXT = (
+    "## Convergence: epochs to reach scratch's final validation accuracy\n\n"
+    "Per seed, the first epoch at which the deployed student's validation accuracy reaches "
+    "what scratch (same dataset and seed) deploys (its best epoch); mean ± std over the seeds "
+    "that reach it. "
+    "dml/dwskd count joint-training epochs, then fine-tuning epochs."
+)
 
 
 # ---------------------------------------------------------------------------- csv, png
 def write_csv(records: Sequence[dict], path: Path) -> None:
     fields = ["scenario", "dataset", "method", "model", "n", "seeds", "deployed"]
-    fields += [f"{k}_{s}" for k in (*QUALITY, *COSTS, "wall_time_s") for s in ("mean", "std")]
+    names = (*QUALITY, *VALIDATION, *COSTS, "wall_time_s")
+    fields += [f"{k}_{s}" for k in names for s in ("mean", "std")]
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: r[k] for k in fields} for r in records)
+
+
+def write_runs_csv(rows: Sequence[Row], path: Path) -> None:
+    """Every run's deployed model, one line each: the per-seed numbers behind the means."""
+    fields = ["scenario", "dataset", "method", "seed", "deployed"]
+    fields += [*QUALITY, *VALIDATION, "wall_time_s", "val_curve"]
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            if r.model == "deployed":
+                line = {k: getattr(r, k) for k in fields[:5]}
+                line.update({k: r.values.get(k) for k in (*QUALITY, *VALIDATION, "wall_time_s")})
+                line["val_curve"] = " ".join(f"{v:.4f}" for v in r.curve)
+                writer.writerow(line)
 
 
 def accuracy_figure(records: Sequence[dict]) -> Figure:
@@ -297,7 +452,8 @@ def accuracy_figure(records: Sequence[dict]) -> Figure:
 def write_results(root: Path, results_dir: Path, name: str) -> list[Path]:
     """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` from every run under ``root``."""
     root, results_dir = Path(root), Path(results_dir)
-    records = summarise(collect_rows(root))
+    rows = collect_rows(root)
+    records = summarise(rows)
     if not records:
         raise SystemExit(
             f"No runs with metrics.json under {root}/<scenario>/<dataset>/<method>/s<seed>/"
@@ -305,10 +461,11 @@ def write_results(root: Path, results_dir: Path, name: str) -> list[Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     meta_path = root / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    paths = [results_dir / f"{name}.{ext}" for ext in ("md", "csv", "png")]
+    paths = [results_dir / f"{name}{end}" for end in (".md", ".csv", ".png", "_runs.csv")]
     accuracy_figure(records).savefig(paths[2], dpi=120)
     write_csv(records, paths[1])
-    paths[0].write_text(markdown(records, meta, root, paths[2].name))
+    write_runs_csv(rows, paths[3])
+    paths[0].write_text(markdown(records, convergence(rows), meta, root, paths[2].name))
     return paths
 
 

@@ -1,6 +1,6 @@
 """The comparison table: methods x datasets x seeds x teacher scenarios, then aggregated.
 
-    python -m experiments.paper                  # full: 3 datasets x 6 methods x 3 seeds, 64 px
+    python -m experiments.paper                  # full: 4 tasks x 6 methods x 3 seeds, 64 px
     python -m experiments.paper --quick          # lung_ct, one seed, tiny epochs: minutes
     python -m experiments.paper --device gpu --img-size 224   # the same table on a GPU
 
@@ -14,6 +14,11 @@ by every method (``teacher.source=file``, ``method.epochs.teacher=0``):
 * ``transfer``  - the teacher is the in-domain teacher of another modality (``TRANSFER_SOURCE``),
   loaded with its classifier head re-initialised and fine-tuned ``--transfer-epochs`` on the
   target; that run is the transfer teacher row and the teacher of ws, kd and dwskd.
+* ``pretrained`` - the paper's setting: a teacher pretrained on a larger corpus
+  (``--pretrained-teacher``, by default the shared ViT-S pretrained on the union of the three
+  datasets' train splits), adapted to the task before anyone selects from it: its head rows of
+  the task's classes are kept (``teacher.head=match``; ``--pretrained-head probe`` trains a new
+  head alone first instead), then it is fine-tuned ``--transfer-epochs`` on the task.
 
 scratch and dml never use a teacher, so they run once (under ``in_domain``) and serve both
 tables. Model selection inside every run uses validation data only.
@@ -47,11 +52,22 @@ from experiments.common import (
 
 log = logging.getLogger("experiments.paper")
 
-DATASETS = ("chest_xray", "lung_ct", "brain_mri")
-SCENARIOS = ("in_domain", "transfer")
+DATASETS = ("chest_xray", "lung_ct", "brain_mri", "brain_mri_tumour_type")
+SCENARIOS = ("in_domain", "transfer", "pretrained")
+# The shared union teacher (../shared/teachers/README.md): 64 px, grayscale, 8 labelled classes.
+PRETRAINED_TEACHER = "vit_small_medunion8_64px.safetensors"
+PRETRAINED_HEADS = {
+    "match": ["teacher.head=match"],  # keep the head rows of the task's classes (lung_COVID)
+    "probe": ["teacher.head=reinit", "teacher.probe_epochs=1"],  # new head, trained alone first
+}
 # Source of each target's transfer teacher. Chosen so that the label spaces differ (2 vs 4
 # classes): timm's loader then drops the source head and the target head starts from scratch.
-TRANSFER_SOURCE = {"chest_xray": "brain_mri", "lung_ct": "brain_mri", "brain_mri": "chest_xray"}
+TRANSFER_SOURCE = {
+    "chest_xray": "brain_mri",
+    "lung_ct": "brain_mri",
+    "brain_mri": "chest_xray",
+    "brain_mri_tumour_type": "chest_xray",
+}
 FORBIDDEN_OVERRIDES = ("trainer.max_epochs", "hydra.run.dir", "method.epochs")
 
 
@@ -95,6 +111,8 @@ class Settings:
     device: str
     out: Path
     transfer_source: dict[str, str]
+    pretrained_teacher: Path | None = None
+    pretrained_head: str = "match"
     extra: tuple[str, ...] = ()
 
 
@@ -169,6 +187,8 @@ def teacher_overrides(
         return [], None
     if method == "teacher" and scenario == "in_domain":
         return ["teacher.source=fit", f"method.epochs.teacher={budget.teacher_epochs}"], None
+    if method == "teacher" and scenario == "pretrained":
+        return pretrained_teacher_overrides(settings), settings.pretrained_teacher
     if method == "teacher":  # transfer: another modality's teacher, re-headed and fine-tuned
         source_dir = teacher_job_dir(settings, "in_domain", source_dataset(settings, dataset), seed)
         epochs = budget.transfer_epochs
@@ -181,6 +201,22 @@ def teacher_overrides(
         f"method.epochs.teacher={epochs}",
     ]
     return overrides, weights
+
+
+def pretrained_teacher_overrides(settings: Settings) -> list[str]:
+    """The pretrained file, adapted to the task: matched (or probed) head, then fine-tuned."""
+    return [
+        "teacher.source=file",
+        f"teacher.file={settings.pretrained_teacher}",
+        *PRETRAINED_HEADS[settings.pretrained_head],
+        f"method.epochs.teacher={settings.budget.transfer_epochs}",
+    ]
+
+
+def default_pretrained_teacher() -> Path:
+    """``$DWSKD_TEACHERS_DIR`` or the ``teachers/`` folder beside the data (``../shared``)."""
+    data = Path(os.environ.get("DWSKD_DATA_DIR", REPO.parent / "shared" / "data"))
+    return Path(os.environ.get("DWSKD_TEACHERS_DIR", data.parent / "teachers")) / PRETRAINED_TEACHER
 
 
 def job_overrides(
@@ -210,7 +246,7 @@ def make_job(settings: Settings, scenario: str, dataset: str, method: str, seed:
 
 
 def job_phase(job: Job) -> int:
-    """In-domain teachers first, transfer teachers (which load them) next, students last."""
+    """In-domain teachers first, transfer and pretrained teachers next, students last."""
     if job.method != "teacher":
         return 2
     return 0 if job.scenario == "in_domain" else 1
@@ -316,6 +352,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--transfer-epochs", type=int, help=budget_help("transfer_epochs"))
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--transfer-source", nargs="+", default=[], metavar="TARGET=SOURCE")
+    p.add_argument(
+        "--pretrained-teacher",
+        type=Path,
+        help=f"weights of the pretrained scenario (default {default_pretrained_teacher()})",
+    )
+    p.add_argument(
+        "--pretrained-head",
+        choices=tuple(PRETRAINED_HEADS),
+        default="match",
+        help="match: keep the teacher head's rows of the task's classes; probe: new head trained "
+        "alone for 1 epoch, then the fine-tuning",
+    )
     p.add_argument("--name", help="results/<name>.{md,csv,png} and outputs/<name>/ (derived)")
     p.add_argument("--out", type=Path, help="runs root (default outputs/<name>)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -385,8 +433,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=args.device,
         out=(args.out or REPO / "outputs" / name).resolve(),
         transfer_source={**TRANSFER_SOURCE, **parse_pairs(args.transfer_source)},
+        pretrained_teacher=pretrained_file(args) if "pretrained" in args.scenarios else None,
+        pretrained_head=args.pretrained_head,
         extra=tuple(args.overrides),
     )
+
+
+def pretrained_file(args: argparse.Namespace) -> Path:
+    path = (args.pretrained_teacher or default_pretrained_teacher()).resolve()
+    if not path.is_file():
+        raise SystemExit(
+            f"--pretrained-teacher: {path} does not exist. Point it at a pretrained weights file "
+            "(../shared/teachers/README.md), set DWSKD_TEACHERS_DIR, or leave the scenario out "
+            "with --scenarios in_domain transfer."
+        )
+    return path
 
 
 def record_invocation(settings: Settings, command: str) -> dict:

@@ -10,14 +10,35 @@ from pathlib import Path
 import pytest
 
 from experiments import aggregate, bench, investigate, paper
-from tests.conftest import TINY
+from tests.conftest import TINY, compose_config
 
 # The conftest's tiny run, minus trainer.max_epochs (paper.py sets per-stage epochs itself).
 SWEEP_TINY = [o for o in TINY if not o.startswith("trainer.max_epochs")]
 
 
+def write_pretrained_teacher(path: Path, labels: list[str]) -> Path:
+    """A stand-in for the shared union teacher: the tiny ViT-S, label names in its metadata."""
+    from safetensors.torch import save_file
+
+    from dwskd import models
+
+    cfg = compose_config()
+    teacher = models.create_model(cfg.teacher, num_classes=len(labels), in_chans=1, img_size=32)
+    state = {k: v.contiguous() for k, v in teacher.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"label_names": json.dumps(labels)})
+    return path
+
+
+# The synthetic classes under a source prefix, plus another source's class: what match keeps.
+UNION_LABELS = ["other_x", "syn_normal", "syn_round_bright", "syn_spiculated", "syn_ring_enhancing"]
+
+
 def quick_settings(tmp_path: Path, *argv: str) -> paper.Settings:
-    args = paper.parse_args(["--quick", "--out", str(tmp_path), *argv])
+    pretrained = write_pretrained_teacher(tmp_path / "union.safetensors", UNION_LABELS)
+    args = paper.parse_args(
+        ["--quick", "--out", str(tmp_path), "--pretrained-teacher", str(pretrained), *argv]
+    )
     return paper.settings_from_args(args)
 
 
@@ -37,7 +58,9 @@ def test_plan_shares_one_teacher_per_scenario_and_orders_teachers_first(tmp_path
     assert ("in_domain", "lung_ct", "dml", 2) in keys
     for job in jobs:
         position = jobs.index(job)
-        if job.teacher_file is not None:  # whoever made the teacher file runs earlier
+        if job.teacher_file == tmp_path / "union.safetensors":  # given, made by no job
+            assert (job.scenario, job.method) == ("pretrained", "teacher")
+        elif job.teacher_file is not None:  # whoever made the teacher file runs earlier
             maker = job.teacher_file.parents[2]
             assert any(j.run_dir == maker for j in jobs[:position]), job.command()
     dwskd = keys[("transfer", "lung_ct", "dwskd", 2)]
@@ -45,6 +68,24 @@ def test_plan_shares_one_teacher_per_scenario_and_orders_teachers_first(tmp_path
     assert "method.epochs.teacher=0" in dwskd.overrides
     transfer_teacher = keys[("transfer", "lung_ct", "teacher", 2)]
     assert transfer_teacher.teacher_file.parents[2] == tmp_path / "in_domain/brain_mri/teacher/s2"
+    pretrained = keys[("pretrained", "lung_ct", "teacher", 1)]
+    assert "teacher.head=match" in pretrained.overrides
+    assert f"teacher.file={tmp_path / 'union.safetensors'}" in pretrained.overrides
+    student = keys[("pretrained", "lung_ct", "ws", 1)]
+    assert student.teacher_file == paper.teacher_weights(tmp_path / "pretrained/lung_ct/teacher/s1")
+
+
+def test_pretrained_scenario_needs_its_file_and_can_probe_instead(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--pretrained-teacher"):
+        paper.settings_from_args(
+            paper.parse_args(["--quick", "--pretrained-teacher", str(tmp_path / "none.pt")])
+        )
+    settings = quick_settings(tmp_path, "--pretrained-head", "probe", "--scenarios", "pretrained")
+    teacher = by_key(paper.plan_jobs(settings))[("pretrained", "lung_ct", "teacher", 1)]
+    assert {"teacher.head=reinit", "teacher.probe_epochs=1"} <= set(teacher.overrides)
+    # without the scenario, no file is needed
+    args = paper.parse_args(["--quick", "--scenarios", "in_domain", "--pretrained-teacher", "x"])
+    assert paper.settings_from_args(args).pretrained_teacher is None
 
 
 def test_every_student_gets_the_same_number_of_passes(tmp_path: Path) -> None:
@@ -88,8 +129,11 @@ def test_a_failed_teacher_job_blocks_its_students_only(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list]:
     root = tmp_path_factory.mktemp("paper")
+    pretrained = write_pretrained_teacher(root / "union.safetensors", UNION_LABELS)
     argv = [
         "--quick",
+        "--pretrained-teacher",
+        str(pretrained),
         "--datasets",
         "synthetic",
         "--transfer-source",
@@ -133,6 +177,10 @@ def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) 
     assert (stage["epochs"], stage["source"]) == (1, "file")
     assert stage["file"] == str(paper.teacher_weights(teacher_run_dir(runs, "in_domain")))
     assert not (runs / "transfer" / "synthetic" / "scratch").exists()
+    pretrained = read_metrics(runs, "pretrained", "teacher")["run"]["stages"]["teacher"]
+    assert pretrained["head"] == "matched rows of the source head"
+    assert (pretrained["epochs"], pretrained["file"]) == (1, str(runs.parent / "union.safetensors"))
+    assert len(pretrained["val_curve"]["a"]) == 1  # one fine-tuning epoch, validated
 
 
 def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:
@@ -142,14 +190,23 @@ def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:
     assert "32 px" in text and "torch" in text
     with (results / "paper_quick_cpu32.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    # 6 deployed rows in_domain + 4 in transfer, plus 3 extra rows per two-student run (3 runs)
-    assert len(rows) == 6 + 4 + 3 * 3
+    # 6 deployed rows in_domain + 4 in transfer and pretrained each, plus 3 extra rows per
+    # two-student run (dml once, dwskd per scenario)
+    assert len(rows) == 6 + 4 + 4 + 3 * 4
     dwskd = next(r for r in rows if r["method"] == "dwskd" and r["model"] == "deployed")
     deployed = read_metrics(runs, dwskd["scenario"], "dwskd")
     name = deployed["deployed"]
     assert float(dwskd["acc_mean"]) == pytest.approx(deployed["models"][name]["test"]["acc"])
     assert math.isnan(float(dwskd["acc_std"]))  # one seed: no spread
     assert (results / "paper_quick_cpu32.png").stat().st_size > 1000
+    with (results / "paper_quick_cpu32_runs.csv").open() as stream:
+        runs_rows = {(r["scenario"], r["method"]): r for r in csv.DictReader(stream)}
+    scratch = runs_rows[("in_domain", "scratch")]
+    assert len(scratch["val_curve"].split()) == 2  # --quick: two student epochs
+    best = max(float(v) for v in scratch["val_curve"].split())  # the epoch it deploys
+    assert best == pytest.approx(float(scratch["val_acc"]), abs=1e-4)
+    assert "Convergence: epochs to reach scratch's final validation accuracy" in text
+    assert "Pretrained teacher" in text and "ws vs scratch:" in text
 
 
 def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
@@ -278,6 +335,28 @@ def test_aggregate_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
     assert "dwskd does not beat the best baseline (scratch): -20.0" in text
     assert "| dataset | scratch | dwskd |" in text  # the summary table, in METHODS order
     assert "| toy | 90.0 / 90.0 (n=1) | 70.0 ± 10.0 / 70.0 ± 10.0 (n=3) |" in text
+
+
+def test_convergence_counts_epochs_to_scratchs_best_per_seed() -> None:
+    def row(method: str, seed: int, curve: tuple[float, ...]) -> aggregate.Row:
+        return aggregate.Row("in_domain", "toy", method, "deployed", seed, {}, "student_a", curve)
+
+    rows = [
+        row("scratch", 1, (0.5, 0.7, 0.6)),  # deploys its best epoch: 0.7 is the target
+        row("scratch", 2, (0.4, 0.6)),
+        row("ws", 1, (0.7, 0.8)),  # reached at epoch 1
+        row("ws", 2, (0.5, 0.65)),  # reached at epoch 2
+        row("dwskd", 1, (0.6, 0.69)),  # never reached
+        row("dwskd", 2, (0.59, 0.61)),
+    ]
+    records = {r["method"]: r for r in aggregate.convergence(rows)}
+    assert (records["ws"]["reached"], records["ws"]["epochs_mean"]) == (2, pytest.approx(1.5))
+    assert (records["dwskd"]["reached"], records["dwskd"]["n"]) == (1, 2)
+    assert records["dwskd"]["epochs_mean"] == pytest.approx(2.0)
+    assert records["scratch"]["epochs_mean"] == pytest.approx(2.0)
+    assert aggregate.epochs_to_reach((0.1, 0.2), 0.3) is None
+    cells = aggregate.convergence_table(list(records.values()), "in_domain")
+    assert cells[2] == "| toy | 2.0 ± 0.0 (2/2 seeds) | 1.5 ± 0.7 (2/2 seeds) | 2.0 (1/2 seeds) |"
 
 
 def test_aggregate_without_runs_says_where_it_looked(tmp_path: Path) -> None:
