@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export DWSKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-full lint format run select paper paper-quick investigate bench disk clean
+.PHONY: help install test test-full lint format run select paper paper-quick teacher-study investigate bench disk clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,11 +40,14 @@ run: ## the default run: synthetic data, dual-model SKD, offline (ARGS="key=valu
 select: ## weight selection CLI (ARGS="teacher.source=file teacher.file=... out=student.safetensors")
 	$(PY) -m dwskd.select $(ARGS)
 
-paper: ## the full comparison table on real data (hours on 2 cores; resumes) -> experiments/results/
+paper: ## the full table: 4 tasks x 3 teacher scenarios x 6 methods x 3 seeds (many hours on 2 cores; resumes)
 	$(PY) -m experiments.paper $(ARGS)
 
 paper-quick: ## one dataset (lung_ct), one seed, tiny epochs (~14 min on 2 cores)
 	$(PY) -m experiments.paper --quick $(ARGS)
+
+teacher-study: ## ws/dwskd gain vs teacher strength on lung_ct, brain_mri (hours on 2 cores; resumes)
+	$(PY) -m experiments.teacher_study $(ARGS)
 
 investigate: ## dwskd knob variants vs baselines on lung_ct, VALIDATION metrics (after make paper)
 	$(PY) -m experiments.investigate $(ARGS)

@@ -188,7 +188,8 @@ def teacher_overrides(
     if method == "teacher" and scenario == "in_domain":
         return ["teacher.source=fit", f"method.epochs.teacher={budget.teacher_epochs}"], None
     if method == "teacher" and scenario == "pretrained":
-        return pretrained_teacher_overrides(settings), settings.pretrained_teacher
+        file, head = settings.pretrained_teacher, settings.pretrained_head
+        return pretrained_teacher_overrides(file, head, budget.transfer_epochs), file
     if method == "teacher":  # transfer: another modality's teacher, re-headed and fine-tuned
         source_dir = teacher_job_dir(settings, "in_domain", source_dataset(settings, dataset), seed)
         epochs = budget.transfer_epochs
@@ -203,13 +204,13 @@ def teacher_overrides(
     return overrides, weights
 
 
-def pretrained_teacher_overrides(settings: Settings) -> list[str]:
+def pretrained_teacher_overrides(file: Path | None, head: str, epochs: int) -> list[str]:
     """The pretrained file, adapted to the task: matched (or probed) head, then fine-tuned."""
     return [
         "teacher.source=file",
-        f"teacher.file={settings.pretrained_teacher}",
-        *PRETRAINED_HEADS[settings.pretrained_head],
-        f"method.epochs.teacher={settings.budget.transfer_epochs}",
+        f"teacher.file={file}",
+        *PRETRAINED_HEADS[head],
+        f"method.epochs.teacher={epochs}",
     ]
 
 
@@ -433,19 +434,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         device=args.device,
         out=(args.out or REPO / "outputs" / name).resolve(),
         transfer_source={**TRANSFER_SOURCE, **parse_pairs(args.transfer_source)},
-        pretrained_teacher=pretrained_file(args) if "pretrained" in args.scenarios else None,
+        pretrained_teacher=(
+            pretrained_file(args.pretrained_teacher) if "pretrained" in args.scenarios else None
+        ),
         pretrained_head=args.pretrained_head,
         extra=tuple(args.overrides),
     )
 
 
-def pretrained_file(args: argparse.Namespace) -> Path:
-    path = (args.pretrained_teacher or default_pretrained_teacher()).resolve()
+def pretrained_file(given: Path | None) -> Path:
+    """``--pretrained-teacher`` or the default file; a missing one stops before any job."""
+    path = (given or default_pretrained_teacher()).resolve()
     if not path.is_file():
         raise SystemExit(
             f"--pretrained-teacher: {path} does not exist. Point it at a pretrained weights file "
-            "(../shared/teachers/README.md), set DWSKD_TEACHERS_DIR, or leave the scenario out "
-            "with --scenarios in_domain transfer."
+            "(../shared/teachers/README.md), set DWSKD_TEACHERS_DIR, or leave the pretrained "
+            "teacher out (paper: --scenarios in_domain transfer; teacher_study: --no-pretrained)."
         )
     return path
 

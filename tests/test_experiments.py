@@ -217,6 +217,91 @@ def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
     assert [p.stat().st_mtime_ns for p in files] == before
 
 
+# ----------------------------------------------------------------- the teacher study
+def study_argv(quick_sweep: tuple, out: Path) -> list[str]:
+    runs, _, paper_argv = quick_sweep
+    pretrained = paper_argv[paper_argv.index("--pretrained-teacher") + 1]
+    return [
+        "--quick",
+        "--datasets",
+        "synthetic",
+        "--teacher-epochs",
+        "2",  # = the quick paper's in-domain teacher: shared, not trained again
+        "--pretrained-teacher",
+        pretrained,
+        "--paper-root",
+        str(runs),
+        "--out",
+        str(out / "study"),
+        "--results-dir",
+        str(out / "results"),
+        "--launcher",
+        "inprocess",
+        "--img-size",
+        "32",
+        *SWEEP_TINY,
+    ]
+
+
+def test_teacher_study_plans_one_teacher_per_strength_and_shares_the_papers_jobs(
+    quick_sweep: tuple, tmp_path: Path
+) -> None:
+    from experiments import teacher_study
+
+    runs = quick_sweep[0]
+    argv = [*study_argv(quick_sweep, tmp_path), "--seeds", "1", "2"]
+    study = teacher_study.study_from_args(teacher_study.parse_args(argv))
+    assert study.strengths() == ["random", "in_domain_e2", "pretrained"]
+    jobs = {(j.scenario, j.method, j.seed): j for j in teacher_study.plan_jobs(study)}
+    assert jobs[("in_domain_e2", "teacher", 1)].run_dir == runs / "in_domain/synthetic/teacher/s1"
+    assert jobs[("pretrained", "teacher", 1)].run_dir == runs / "pretrained/synthetic/teacher/s1"
+    assert jobs[("none", "scratch", 2)].run_dir == runs / "in_domain/synthetic/scratch/s2"
+    # seed 1 selects from the paper's seed-1 teacher: the paper's own job; seed 2 does not
+    assert jobs[("pretrained", "ws", 1)].run_dir == runs / "pretrained/synthetic/ws/s1"
+    seed2 = jobs[("pretrained", "ws", 2)]
+    assert seed2.run_dir == tmp_path / "study/synthetic/pretrained/ws/s2"
+    assert seed2.teacher_file == paper.teacher_weights(runs / "pretrained/synthetic/teacher/s1")
+    random_teacher = jobs[("random", "teacher", 1)]
+    assert "teacher.source=random" in random_teacher.overrides
+    assert not any(key[1] == "teacher" and key[2] == 2 for key in jobs)  # one teacher per strength
+
+
+def test_teacher_study_runs_only_what_the_paper_lacks_and_plots_gain_vs_advantage(
+    quick_sweep: tuple, tmp_path: Path
+) -> None:
+    from experiments import teacher_study
+
+    runs = quick_sweep[0]
+    shared = sorted(runs.glob("*/*/*/s1/metrics.json"))
+    before = [p.stat().st_mtime_ns for p in shared]
+    assert teacher_study.main(study_argv(quick_sweep, tmp_path)) == 0
+    assert [p.stat().st_mtime_ns for p in shared] == before  # shared jobs were not run again
+    made = sorted(
+        p.parent.relative_to(tmp_path / "study")
+        for p in (tmp_path / "study").glob("**/metrics.json")
+    )
+    assert [str(p) for p in made] == [
+        "synthetic/random/dwskd/s1",
+        "synthetic/random/ws/s1",
+        "synthetic/teacher/random",
+    ]
+    with (tmp_path / "results/teacher_study_quick.csv").open() as stream:
+        rows = {r["teacher"]: r for r in csv.DictReader(stream)}
+    assert list(rows) == ["random", "in_domain_e2", "pretrained"]
+    scratch = read_metrics(runs, "in_domain", "scratch")
+    ws = json.loads((runs / "pretrained/synthetic/ws/s1/metrics.json").read_text())
+    teacher = read_metrics(runs, "pretrained", "teacher")
+    gain = ws["models"]["student_a"]["test"]["acc"] - scratch["models"]["student_a"]["test"]["acc"]
+    assert float(rows["pretrained"]["ws_gain_mean"]) == pytest.approx(gain)
+    advantage = (
+        teacher["models"]["teacher"]["val"]["acc"] - scratch["models"]["student_a"]["val"]["acc"]
+    )
+    assert float(rows["pretrained"]["advantage_mean"]) == pytest.approx(advantage)
+    text = (tmp_path / "results/teacher_study_quick.md").read_text()
+    assert "one teacher per strength" in text and "python -m experiments.teacher_study" in text
+    assert (tmp_path / "results/teacher_study_quick.png").stat().st_size > 1000
+
+
 # ------------------------------------------------------------------ the investigation
 def investigate_plan(tmp_path: Path, *argv: str) -> investigate.Plan:
     base = ["--out", str(tmp_path), "--paper-root", str(tmp_path / "paper")]

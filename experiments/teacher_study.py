@@ -1,0 +1,387 @@
+"""Teacher-strength study: from which teacher advantage on do weight selection and SKD pay off?
+
+    python -m experiments.teacher_study              # lung_ct and brain_mri, 3 seeds, 64 px
+    python -m experiments.teacher_study --quick      # lung_ct, seed 1, tiny epochs
+
+For each dataset, teachers of increasing strength: a random ViT-S, in-domain ViT-S trained
+5, 20 and 60 epochs (``--teacher-epochs``), and the pretrained union teacher adapted as in
+the paper's ``pretrained`` scenario. **One teacher per strength** (trained with
+``--teacher-seed``) serves every student seed. Students: ``scratch`` (no teacher), ``ws`` and
+``dwskd`` on the paper's budget (:data:`experiments.paper.FULL`), one ``dwskd.run`` process
+per job, resumable like the paper sweep.
+
+A job identical to one of ``make paper`` (same overrides: scratch, the 5-epoch and the
+pretrained teacher of seed 1, and the students of seed 1 that select from them) is not run
+twice: it uses the paper's run directory under ``--paper-root``.
+
+Results (``experiments/results/teacher_study.{md,csv,png}``): per dataset and teacher, the
+teacher's validation accuracy minus scratch's (x, the teacher advantage) and each method's
+test accuracy minus scratch's, seed by seed (y), mean ± std. Model choices use validation
+data only; test accuracy is read once per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from dwskd.machine import machine_info, now_iso
+from dwskd.runs import RunLayout, read_results
+from experiments import paper
+from experiments.aggregate import mean_std, plain
+from experiments.common import (
+    REPO,
+    RESULTS_DIR,
+    invocation,
+    machine_lines,
+    set_offline_env,
+    show_progress,
+)
+
+log = logging.getLogger("experiments.teacher_study")
+
+DATASETS = ("lung_ct", "brain_mri")
+STUDENTS = ("ws", "dwskd")
+META_FILE = "teacher_study_meta.json"
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything that defines the study; the plan is a pure function of it."""
+
+    name: str
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    teacher_epochs: tuple[int, ...]
+    teacher_seed: int
+    budget: paper.Budget
+    device: str
+    out: Path
+    paper_root: Path
+    pretrained_teacher: Path | None
+    pretrained_head: str = "match"
+    extra: tuple[str, ...] = ()  # Hydra overrides for every job
+
+    def strengths(self) -> list[str]:
+        """Weakest first: random, in-domain by epochs, then pretrained (when given)."""
+        names = ["random", *(f"in_domain_e{n}" for n in sorted(self.teacher_epochs))]
+        return names + (["pretrained"] if self.pretrained_teacher else [])
+
+
+# ---------------------------------------------------------------------------- the plan
+def teacher_overrides(study: Study, strength: str) -> tuple[list[str], Path | None]:
+    """A ``method=teacher`` job's teacher options, and the file it needs (pretrained only)."""
+    if strength == "random":
+        return ["teacher.source=random", "method.epochs.teacher=0"], None
+    if strength == "pretrained":
+        epochs = study.budget.transfer_epochs
+        file = study.pretrained_teacher
+        return paper.pretrained_teacher_overrides(file, study.pretrained_head, epochs), file
+    epochs = int(strength.removeprefix("in_domain_e"))
+    return ["teacher.source=fit", f"method.epochs.teacher={epochs}"], None
+
+
+def teacher_job(study: Study, dataset: str, strength: str) -> paper.Job:
+    teacher, needs = teacher_overrides(study, strength)
+    overrides = paper.job_overrides(
+        dataset, "teacher", study.teacher_seed, study.budget, study.device, *teacher, *study.extra
+    )
+    run_dir = study.out / dataset / "teacher" / strength
+    return paper.Job(strength, dataset, "teacher", study.teacher_seed, run_dir, overrides, needs)
+
+
+def student_job(
+    study: Study, dataset: str, method: str, seed: int, teacher: paper.Job
+) -> paper.Job:
+    weights = paper.teacher_weights(teacher.run_dir)
+    extra = ["teacher.source=file", f"teacher.file={weights}", "method.epochs.teacher=0"]
+    overrides = paper.job_overrides(
+        dataset, method, seed, study.budget, study.device, *extra, *study.extra
+    )
+    run_dir = study.out / dataset / teacher.scenario / method / f"s{seed}"
+    return paper.Job(teacher.scenario, dataset, method, seed, run_dir, overrides, weights)
+
+
+def scratch_job(study: Study, dataset: str, seed: int) -> paper.Job:
+    overrides = paper.job_overrides(
+        dataset, "scratch", seed, study.budget, study.device, *study.extra
+    )
+    run_dir = study.out / dataset / "scratch" / f"s{seed}"
+    return paper.Job("none", dataset, "scratch", seed, run_dir, overrides)
+
+
+def paper_run_dirs(study: Study) -> dict[tuple[str, ...], Path]:
+    """The paper jobs this study could share, by their exact overrides."""
+    settings = paper.Settings(
+        name="paper",
+        datasets=study.datasets,
+        methods=("scratch", *STUDENTS, "teacher"),
+        seeds=study.seeds,
+        scenarios=("in_domain", "pretrained") if study.pretrained_teacher else ("in_domain",),
+        budget=study.budget,
+        device=study.device,
+        out=study.paper_root,
+        transfer_source=paper.TRANSFER_SOURCE,
+        pretrained_teacher=study.pretrained_teacher,
+        pretrained_head=study.pretrained_head,
+        extra=study.extra,
+    )
+    return {job.overrides: job.run_dir for job in paper.plan_jobs(settings)}
+
+
+def shared(job: paper.Job, known: dict[tuple[str, ...], Path]) -> paper.Job:
+    """The same job in the paper's run directory when the paper plans it identically."""
+    return replace(job, run_dir=known[job.overrides]) if job.overrides in known else job
+
+
+def plan_jobs(study: Study) -> list[paper.Job]:
+    """Teachers first (weakest to strongest), then scratch and students seed by seed."""
+    known = paper_run_dirs(study)
+    teachers, students = [], []
+    for dataset in study.datasets:
+        for strength in study.strengths():
+            teacher = shared(teacher_job(study, dataset, strength), known)
+            teachers.append(teacher)
+            for seed in study.seeds:
+                for method in STUDENTS:
+                    students.append(
+                        shared(student_job(study, dataset, method, seed, teacher), known)
+                    )
+        students += [shared(scratch_job(study, dataset, seed), known) for seed in study.seeds]
+    return teachers + sorted(students, key=lambda j: (j.seed, j.dataset, j.method != "scratch"))
+
+
+# ------------------------------------------------------------------------ aggregation
+def test_acc(run_dir: Path) -> tuple[float, float] | None:
+    """(validation, test) accuracy of a finished run's deployed model."""
+    if not RunLayout(run_dir).finished:
+        return None
+    results = read_results(run_dir)
+    entry = results["models"][results["deployed"]]
+    return entry["val"]["acc"], entry["test"]["acc"]
+
+
+def study_records(study: Study, jobs: Sequence[paper.Job]) -> list[dict]:
+    """One record per (dataset, teacher strength): teacher advantage and each method's gain."""
+    scores = {(j.dataset, j.scenario, j.method, j.seed): test_acc(j.run_dir) for j in jobs}
+    records = []
+    for dataset in study.datasets:
+        scratch = {s: scores.get((dataset, "none", "scratch", s)) for s in study.seeds}
+        for strength in study.strengths():
+            teacher = scores.get((dataset, strength, "teacher", study.teacher_seed))
+            if teacher is None:
+                continue
+            seeds = [s for s in study.seeds if scratch[s] is not None]
+            record = {"dataset": dataset, "teacher": strength, "teacher_val_acc": teacher[0]}
+            record["teacher_test_acc"] = teacher[1]
+            adv = [teacher[0] - scratch[s][0] for s in seeds]
+            record["advantage_mean"], record["advantage_std"], _ = mean_std(adv)
+            for method in STUDENTS:
+                gains = [
+                    scores[dataset, strength, method, s][1] - scratch[s][1]
+                    for s in seeds
+                    if scores.get((dataset, strength, method, s)) is not None
+                ]
+                mean, std, n = mean_std(gains)
+                record.update({f"{method}_gain_mean": mean, f"{method}_gain_std": std})
+                record[f"{method}_n"] = n
+            records.append(record)
+    return records
+
+
+def pays_from(records: Sequence[dict], dataset: str, method: str) -> str:
+    """The smallest teacher advantage from which the method beats scratch for every stronger one."""
+    own = sorted(
+        (r for r in records if r["dataset"] == dataset and r[f"{method}_n"]),
+        key=lambda r: r["advantage_mean"],
+    )
+    for i, record in enumerate(own):
+        if all(r[f"{method}_gain_mean"] > 0 for r in own[i:]):
+            return (
+                f"{method} beats scratch on {dataset} (mean test accuracy) for every teacher with "
+                f"an advantage of {100 * record['advantage_mean']:+.1f} points or more "
+                f"({record['teacher']} and stronger)."
+            )
+    return f"{method} does not beat scratch on {dataset} even with the strongest teacher here."
+
+
+def markdown(study: Study, records: Sequence[dict], meta: dict, plot: str) -> str:
+    lines = ["# Teacher-strength study: does a stronger teacher make ws and dwskd pay?", ""]
+    lines += [
+        f"- aggregated: {now_iso()} from `{study.out}` (shared jobs: `{study.paper_root}`)",
+        f"- budget: {study.budget.img_size} px, batch {study.budget.batch_size}, every student "
+        f"{study.budget.student_epochs} passes over train (dwskd: "
+        f"{study.budget.student_epochs - study.budget.finetune_epochs} joint + "
+        f"{study.budget.finetune_epochs} fine-tune); device {study.device}",
+        f"- one teacher per strength (seed {study.teacher_seed}) serves student seeds "
+        f"{' '.join(map(str, study.seeds))}; pretrained: `{study.pretrained_teacher}` "
+        f"(head {study.pretrained_head}, fine-tuned {study.budget.transfer_epochs} epochs)",
+    ]
+    for entry in meta["invocations"]:
+        lines.append(f"- runs made {entry['date']} by `{entry['command']}`:")
+        lines += ["  " + line for line in machine_lines(entry["machine"])]
+    lines += [
+        "",
+        "Teacher advantage = teacher's validation accuracy minus scratch's (same split), per "
+        "student seed. Gain = method's test accuracy minus scratch's, same seed. Mean ± std (pp).",
+        "",
+        f"![gain vs teacher advantage]({plot})",
+        "",
+        "| dataset | teacher | teacher val acc | advantage (pp) | ws − scratch (pp) "
+        "| dwskd − scratch (pp) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        cells = [r["dataset"], r["teacher"], plain(r["teacher_val_acc"], float("nan"), 100)]
+        cells.append(plain(r["advantage_mean"], r["advantage_std"], 100))
+        cells += [plain(r[f"{m}_gain_mean"], r[f"{m}_gain_std"], 100) for m in STUDENTS]
+        cells.append("/".join(str(r[f"{m}_n"]) for m in STUDENTS))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for dataset in sorted({r["dataset"] for r in records}):
+        lines += [f"- {pays_from(records, dataset, m)}" for m in STUDENTS]
+    return "\n".join(lines) + "\n"
+
+
+def figure(records: Sequence[dict]) -> Figure:
+    """x: teacher advantage, y: gain over scratch, one panel per dataset, one series per method."""
+    datasets = sorted({r["dataset"] for r in records})
+    fig = Figure(figsize=(5.5 * len(datasets), 4), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets, strict=True):
+        own = sorted(
+            (r for r in records if r["dataset"] == dataset), key=lambda r: r["advantage_mean"]
+        )
+        for method, marker in zip(STUDENTS, "os", strict=True):
+            ax.errorbar(
+                [100 * r["advantage_mean"] for r in own],
+                [100 * r[f"{method}_gain_mean"] for r in own],
+                xerr=[100 * nan_to_zero(r["advantage_std"]) for r in own],
+                yerr=[100 * nan_to_zero(r[f"{method}_gain_std"]) for r in own],
+                marker=marker,
+                capsize=3,
+                label=method,
+            )
+        for r in own:
+            ax.annotate(r["teacher"], (100 * r["advantage_mean"], 0), fontsize=6, rotation=60)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("teacher val acc − scratch val acc (pp)")
+        ax.set_ylabel("method − scratch, test accuracy (pp)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def nan_to_zero(value: float) -> float:
+    return 0.0 if value != value else value
+
+
+def write_results(study: Study, jobs: Sequence[paper.Job], results_dir: Path) -> list[Path]:
+    records = study_records(study, jobs)
+    if not records:
+        raise SystemExit(f"No finished teacher runs under {study.out}: run the study first.")
+    meta = json.loads((study.out / META_FILE).read_text())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = [results_dir / f"{study.name}.{ext}" for ext in ("md", "csv", "png")]
+    figure(records).savefig(paths[2], dpi=120)
+    with paths[1].open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    paths[0].write_text(markdown(study, records, meta, paths[2].name))
+    return paths
+
+
+# ------------------------------------------------------------------------------ the CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="lung_ct, seed 1, tiny epochs")
+    p.add_argument("--datasets", nargs="+", help=f"default {' '.join(DATASETS)}")
+    p.add_argument("--seeds", nargs="+", type=int, help="default 1 2 3 (--quick: 1)")
+    p.add_argument("--teacher-epochs", nargs="+", type=int, help="default 5 20 60 (--quick: 1 2)")
+    p.add_argument("--teacher-seed", type=int, default=1)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--pretrained-teacher", type=Path, help="default: the paper's")
+    p.add_argument("--no-pretrained", action="store_true", help="leave the pretrained teacher out")
+    p.add_argument("--pretrained-head", choices=tuple(paper.PRETRAINED_HEADS), default="match")
+    p.add_argument("--out", type=Path, help="runs root (default outputs/<name>)")
+    p.add_argument("--paper-root", type=Path, help="the paper sweep's root (default outputs/paper)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the results")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    return p.parse_args(argv)
+
+
+def study_from_args(args: argparse.Namespace) -> Study:
+    paper.check_overrides(args.overrides)
+    budget = paper.QUICK if args.quick else paper.FULL
+    if args.img_size:
+        budget = replace(budget, img_size=args.img_size)
+    name = "teacher_study_quick" if args.quick else "teacher_study"
+    pretrained = None
+    if not args.no_pretrained:
+        pretrained = paper.pretrained_file(args.pretrained_teacher)
+    return Study(
+        name=name,
+        datasets=tuple(args.datasets or (["lung_ct"] if args.quick else DATASETS)),
+        seeds=tuple(args.seeds or ([1] if args.quick else [1, 2, 3])),
+        teacher_epochs=tuple(args.teacher_epochs or ([1, 2] if args.quick else [5, 20, 60])),
+        teacher_seed=args.teacher_seed,
+        budget=budget,
+        device=args.device,
+        out=(args.out or REPO / "outputs" / name).resolve(),
+        paper_root=(
+            args.paper_root
+            or REPO / "outputs" / paper.sweep_name(args.quick, args.device, budget.img_size)
+        ).resolve(),
+        pretrained_teacher=pretrained,
+        pretrained_head=args.pretrained_head,
+        extra=tuple(args.overrides),
+    )
+
+
+def record_invocation(study: Study, command: str) -> None:
+    path = study.out / META_FILE
+    meta = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    meta["invocations"].append({"command": command, "date": now_iso(), "machine": machine_info()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(meta, indent=2, default=str))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    show_progress(log)
+    show_progress(paper.log)
+    set_offline_env()
+    args = parse_args(argv)
+    study = study_from_args(args)
+    jobs = plan_jobs(study)
+    if args.dry_run:
+        print("\n".join(job.command() for job in jobs))
+        return 0
+    failed: list[paper.Job] = []
+    if not args.aggregate_only:
+        record_invocation(
+            study, invocation("experiments.teacher_study", None if argv is None else list(argv))
+        )
+        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher])
+    for path in write_results(study, jobs, args.results_dir):
+        log.info("results: %s", path)
+    for job in failed:
+        log.error("FAILED: %s", job.command())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
