@@ -43,6 +43,9 @@ class DistillModule(L.LightningModule):
     ``monitor`` (metric, mode) names what checkpointing watches: ``val/<metric>`` is logged as
     the best single student's value (what can be deployed). Final evaluation goes through
     ``predict_step``, whose outputs Lightning returns to the caller.
+    ``compile_students`` (``model.compile``) runs each student through ``torch.compile``
+    (see :meth:`configure_model`); the students, their EMA copies and the state dict stay as
+    they are.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class DistillModule(L.LightningModule):
         teacher: nn.Module | None = None,
         class_weights: torch.Tensor | None = None,
         monitor: tuple[str, str] = ("acc", "max"),
+        compile_students: bool = False,
     ) -> None:
         super().__init__()
         self.stage, self.options = stage, options
@@ -78,6 +82,23 @@ class DistillModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict(
             {n: classification_metrics(len(self.class_names)) for n in eval_names}
         )
+        self.compile_students = compile_students
+        self._compiled: list[nn.Module] = []  # a plain list: not submodules, not in state_dict
+
+    def configure_model(self) -> None:
+        """Wrap each student in ``torch.compile`` once, when a trainer first uses this module.
+
+        ``torch.compile(student)`` returns a wrapper around the same module (same parameters,
+        so the optimiser, EMA update and device moves act on it); kept in a plain list, it adds
+        no ``_orig_mod.`` keys to checkpoints or exports, and the student objects handed back to
+        the pipeline stay eager, so later stages, latency figures and copies are unaffected.
+        """
+        if self.compile_students and not self._compiled:
+            self._compiled = [torch.compile(s) for s in self.students]
+
+    def _forwards(self) -> Sequence[nn.Module]:
+        """What computes the students' logits: the compiled wrappers if any, else the students."""
+        return self._compiled or self.students
 
     # ----------------------------------------------------------------- training
     def train(self, mode: bool = True) -> DistillModule:
@@ -112,7 +133,7 @@ class DistillModule(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         views = self._views(x)
-        logits = [s(v) for s, v in zip(self.students, views, strict=True)]
+        logits = [s(v) for s, v in zip(self._forwards(), views, strict=True)]
         opts = self.options
         terms = distill.skd_losses(
             logits,
@@ -158,7 +179,7 @@ class DistillModule(L.LightningModule):
     # --------------------------------------------------------------- evaluation
     def predict_probs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Softmax outputs of each student and (with two or more) of their mean: the ensemble."""
-        probs = {n: s(x).softmax(1) for n, s in zip(self.names, self.students, strict=True)}
+        probs = {n: s(x).softmax(1) for n, s in zip(self.names, self._forwards(), strict=True)}
         if len(self.names) > 1:
             probs["ensemble"] = torch.stack([probs[n] for n in self.names]).mean(0)
         return probs

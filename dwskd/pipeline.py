@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -55,8 +56,13 @@ class Context:
         stage: str,
         options: DistillOptions,
         teacher: nn.Module | None = None,
+        trains_students: bool = False,
     ) -> DistillModule:
-        """The stage's LightningModule; a sub-step (``teacher_probe``) uses its stage's lr."""
+        """The stage's LightningModule; a sub-step (``teacher_probe``) uses its stage's lr.
+
+        ``trains_students``: the train / fine-tune stages, whose models ``model.compile``
+        compiles (not the teacher's fit, nor evaluation-only modules).
+        """
         cfg, dm = self.cfg, self.datamodule
         balance = cfg.data.get("balance", "none") == "loss"
         return DistillModule(
@@ -71,6 +77,7 @@ class Context:
             teacher=teacher,
             class_weights=dm.class_weights() if balance else None,
             monitor=(self.lightning.monitor.metric, self.lightning.monitor.mode),
+            compile_students=trains_students and bool(cfg.model.get("compile", False)),
         )
 
     def fit(self, stage: str, module: DistillModule, epochs: int | None = None) -> dict[str, Any]:
@@ -190,7 +197,11 @@ def teacher_stage(ctx: Context) -> nn.Module:
             facts["probe"] = probe_head(ctx, teacher, probe)
         if epochs > 0:
             plain = ctx.options.cross_entropy_only()
-            facts.update(ctx.fit("teacher", ctx.module([teacher], "teacher", plain)))
+            module = ctx.module([teacher], "teacher", plain)
+            loaded = loaded_score(ctx, module) if tcfg.source in ("file", "hub") else None
+            facts.update(ctx.fit("teacher", module))
+            if loaded is not None:
+                facts.update(keep_loaded_if_better(ctx, teacher, loaded, facts.get("best_score")))
         unchanged_file = tcfg.source == "file" and epochs == 0 and not head_changed
         references = {"teacher": Path(tcfg.file)} if unchanged_file else None
         return StageOutput({"teacher": teacher}, facts, references)
@@ -199,6 +210,35 @@ def teacher_stage(ctx: Context) -> nn.Module:
         return {"teacher": models.create_model(tcfg, **ctx.shape)}
 
     return ctx.runner.run("teacher", blank, fit).models["teacher"]
+
+
+def loaded_score(ctx: Context, module: DistillModule) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loaded teacher's monitored validation score, and a copy of its weights."""
+    score = ctx.evaluate(module, "val").metrics["a"][ctx.lightning.monitor.metric]
+    weights = {k: v.detach().clone() for k, v in module.students[0].state_dict().items()}
+    return float(score), weights
+
+
+def keep_loaded_if_better(
+    ctx: Context,
+    teacher: nn.Module,
+    loaded: tuple[float, dict[str, torch.Tensor]],
+    best: float | None,
+) -> dict[str, Any]:
+    """Fine-tuning competes with the loaded weights on validation, like any other epoch.
+
+    Why: fine-tuning a pretrained teacher on a small task can make it worse on validation
+    (the union teacher on lung CT); selecting from the worse model would waste what it knew.
+    """
+    score, weights = loaded
+    monitor = ctx.lightning.monitor
+    kept = best is None or monitor.best({"loaded": score, "fine-tuned": best}) == "loaded"
+    if kept:
+        teacher.load_state_dict(weights)
+        log.info(
+            "teacher: the loaded weights (val %s %.4f) beat fine-tuning", monitor.metric, score
+        )
+    return {"loaded_val_score": score, "kept": "loaded weights" if kept else "fine-tuned"}
 
 
 def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
@@ -287,7 +327,7 @@ def train_stage(
     names = list(REPORT_NAMES[: len(students)])
 
     def fit() -> StageOutput:
-        module = ctx.module(students, "train", ctx.options, teacher=teacher)
+        module = ctx.module(students, "train", ctx.options, teacher, trains_students=True)
         facts = ctx.fit("train", module)
         val = ctx.evaluate(module, "val").metrics
         facts["val"] = {n: val[short] for n, short in zip(names, module.names, strict=True)}
@@ -314,7 +354,8 @@ def finetune_stage(ctx: Context, name: str, student: nn.Module) -> None:
         facts: dict[str, Any] = {"epochs": epochs, "deployed": name}
         if epochs > 0:
             plain = ctx.options.cross_entropy_only()
-            facts.update(ctx.fit("finetune", ctx.module([student], "finetune", plain)))
+            module = ctx.module([student], "finetune", plain, trains_students=True)
+            facts.update(ctx.fit("finetune", module))
         return StageOutput({name: student}, facts)
 
     ctx.runner.run("finetune", lambda: {name: student}, fit)

@@ -2,6 +2,9 @@
 
     python -m experiments.bench             # ~3-5 min on 2 CPU cores
     python -m experiments.bench --smoke     # seconds: tiny sizes, checks that it runs
+    python -m experiments.bench --device gpu  # CUDA, 16-mixed, 224 px, batch 128:
+                                              # results/bench_gpu224.md
+    python -m experiments.bench --compile   # adds: model.compile=true vs eager (either device)
 
 1. a framework training step (DistillModule + lightning.Trainer, as the pipeline builds
    it) vs a plain PyTorch loop (same ViT-T, batch, tensors, AdamW, gradient clipping);
@@ -12,12 +15,16 @@
 5. train-loader throughput (synthetic, and real lung CT when present) vs training throughput.
 
 Steps are timed start-to-start (data fetch, forward, backward, optimiser, EMA update and
-logging all inside) after warm-up steps; every figure is a median of repeats.
+logging all inside) after warm-up steps; every figure is a median of repeats. On the GPU the
+clock is read after ``torch.cuda.synchronize()``; the framework runs with Lightning's
+``precision="16-mixed"`` and the plain loop with the same ``torch.autocast`` (float16) and
+``GradScaler``; latency runs under that autocast too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -61,8 +68,10 @@ NUM_CLASSES, IN_CHANS = 4, 1
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Sizes and repeats; ``SMOKE`` shrinks everything so that a test can run it."""
+    """Device, sizes and repeats; ``SMOKE`` shrinks everything so that a test can run it."""
 
+    device: str = "cpu"  # "cpu" | "gpu" (CUDA)
+    precision: str = "32-true"  # Lightning's name; "16-mixed" = float16 autocast + GradScaler
     img_size: int = 64
     batch_size: int = 32
     steps: int = 15
@@ -89,6 +98,31 @@ SMOKE = BenchSettings(
     loader_batches=2,
     n_train=32,
 )
+# What a GPU run measures by default: the sizes real training uses there (as trainer=gpu).
+GPU = replace(
+    BenchSettings(),
+    device="gpu",
+    precision="16-mixed",
+    img_size=224,
+    batch_size=128,
+    steps=30,
+    warmup=5,
+    latency_batches=(1, 128),
+    loader_batches=10,
+    n_train=1536,
+)
+NO_CUDA = (
+    "experiments.bench: --device gpu needs CUDA, but torch.cuda.is_available() is False on "
+    "this machine; run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
+    "or use --device cpu (the default)."
+)
+
+
+def settings_for(device: str, smoke: bool) -> BenchSettings:
+    """Defaults of ``device`` (``SMOKE`` sizes with ``--smoke``, on either device)."""
+    if device == "cpu":
+        return SMOKE if smoke else BenchSettings()
+    return replace(SMOKE, device="gpu", precision=GPU.precision) if smoke else GPU
 
 
 @dataclass
@@ -110,6 +144,34 @@ def vit(name: str, img_size: int, depth: int | None = None) -> nn.Module:
     return create_model(cfg, num_classes=NUM_CLASSES, in_chans=IN_CHANS, img_size=img_size)
 
 
+def torch_device(s: BenchSettings) -> torch.device:
+    return torch.device("cuda" if s.device == "gpu" else "cpu")
+
+
+def clock(s: BenchSettings) -> float:
+    """``perf_counter`` once the GPU has finished the work queued so far (CUDA is async)."""
+    if s.device == "gpu":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def autocast(s: BenchSettings) -> contextlib.AbstractContextManager:
+    """The autocast that Lightning's ``16-mixed`` uses; nothing for full precision."""
+    if s.precision == "16-mixed":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def device_name(s: BenchSettings) -> str:
+    return "CPU" if s.device == "cpu" else f"GPU ({torch.cuda.get_device_name(0)})"
+
+
+def where(s: BenchSettings) -> str:
+    """For section titles: ``CPU`` (full precision) or ``GPU (name), 16-mixed``."""
+    name = device_name(s)
+    return name if s.precision == "32-true" else f"{name}, {s.precision}"
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of ``fn()`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
@@ -122,13 +184,19 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def tensor_loader(s: BenchSettings) -> DataLoader:
-    """Random images in memory: the same batches for the framework and the plain loop."""
+@functools.cache
+def tensor_dataset(s: BenchSettings) -> TensorDataset:
+    """Random images in host memory (made once): the same data for every measured loop."""
     n = s.batch_size * (s.steps + s.warmup + 1)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, IN_CHANS, s.img_size, s.img_size, generator=generator)
     y = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=s.batch_size, shuffle=True, drop_last=True)
+    return TensorDataset(x, y)
+
+
+def tensor_loader(s: BenchSettings) -> DataLoader:
+    """Batches from host memory, moved to the device inside each timed step (both loops)."""
+    return DataLoader(tensor_dataset(s), batch_size=s.batch_size, shuffle=True, drop_last=True)
 
 
 def compose(*overrides: str) -> Any:
@@ -141,14 +209,15 @@ def compose(*overrides: str) -> Any:
 class StepTimer(L.Callback):
     """Start-to-start times of training batches (the last one ends with the epoch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, s: BenchSettings) -> None:
+        self.settings = s
         self.starts: list[float] = []
 
     def on_train_batch_start(self, *args: Any) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(clock(self.settings))
 
     def on_train_epoch_end(self, *args: Any) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(clock(self.settings))
 
 
 def intervals(starts: Sequence[float], warmup: int) -> list[float]:
@@ -162,6 +231,17 @@ def framework_step(
     teacher: nn.Module | None = None,
 ) -> float:
     """Median seconds per step of DistillModule under lightning.Trainer (CSV logger on)."""
+    return statistics.median(framework_times(s, students, options, teacher)[s.warmup :])
+
+
+def framework_times(
+    s: BenchSettings,
+    students: list[nn.Module],
+    options: DistillOptions,
+    teacher: nn.Module | None = None,
+    compile_students: bool = False,
+) -> list[float]:
+    """Seconds of every step, warm-up included, of DistillModule under lightning.Trainer."""
     cfg = compose()
     module = DistillModule(
         students,
@@ -171,12 +251,14 @@ def framework_step(
         optimizer=instantiate(cfg.optimizer),
         lr=1e-3,
         teacher=teacher,
+        compile_students=compile_students,
     )
-    timer = StepTimer()
+    timer = StepTimer(s)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator=s.device,
             devices=1,
+            precision=s.precision,
             max_epochs=1,
             limit_train_batches=s.steps + s.warmup,
             limit_val_batches=0,
@@ -190,32 +272,47 @@ def framework_step(
             enable_model_summary=False,
         )
         trainer.fit(module, train_dataloaders=tensor_loader(s))
-    return statistics.median(intervals(timer.starts, s.warmup))
+    return intervals(timer.starts, 0)
 
 
 def plain_step(s: BenchSettings, model: nn.Module) -> float:
-    """Median seconds per step of the loop one would write by hand (same work per step)."""
+    """Median seconds per step of the loop one would write by hand (same work per step).
+
+    With ``16-mixed`` it does what Lightning's mixed precision does: float16 autocast around
+    the forward, a ``GradScaler``, and unscaling before the gradient clipping.
+    """
+    device = torch_device(s)
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "16-mixed")
     starts = []
     for _, (x, y) in zip(range(s.steps + s.warmup), tensor_loader(s), strict=False):
-        starts.append(time.perf_counter())
-        loss = nn.functional.cross_entropy(model(x), y)
+        starts.append(clock(s))
+        x, y = x.to(device), y.to(device)
+        with autocast(s):
+            loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    starts.append(time.perf_counter())
+        scaler.step(optimizer)
+        scaler.update()
+    starts.append(clock(s))
     return statistics.median(intervals(starts, s.warmup))
+
+
+def skd_options() -> DistillOptions:
+    """The method's default SKD options, from the project's config."""
+    distill = compose().method.distill
+    return DistillOptions.from_mapping(OmegaConf.to_container(distill, resolve=True))
 
 
 def training_section(s: BenchSettings) -> tuple[Section, dict[str, float]]:
     """Framework vs plain loop, dual SKD and KD vs single student; returns img/s too."""
-    cfg = compose()
-    skd = DistillOptions.from_mapping(OmegaConf.to_container(cfg.method.distill, resolve=True))
+    skd = skd_options()
     ce = skd.cross_entropy_only()
     kd = replace(ce, gamma=1.0)
-    sec = Section(f"Training step: ViT-T, batch {s.batch_size}, {s.img_size} px, CPU")
+    sec = Section(f"Training step: ViT-T, batch {s.batch_size}, {s.img_size} px, {where(s)}")
     torch.manual_seed(0)
     plain = sec.add(
         "plain PyTorch loop (CE, AdamW, clip)", plain_step(s, vit("ViT-T", s.img_size)), "s/step"
@@ -241,24 +338,52 @@ def training_section(s: BenchSettings) -> tuple[Section, dict[str, float]]:
     return sec, {"one student": s.batch_size / single, "dual-model SKD": s.batch_size / dual}
 
 
-# ---------------------------------------------------------------- latency and selection
-def latency_section(s: BenchSettings) -> Section:
-    """Batch-1 and batched CPU inference: dwskd.models.measure_latency (median, IQR)."""
+def compile_section(s: BenchSettings) -> Section:
+    """A one-student framework step with ``model.compile=true`` vs eager (same data, seed)."""
+    ce = skd_options().cross_entropy_only()
     sec = Section(
-        f"Inference latency (CPU, eval mode, no grad, {torch.get_num_threads()} threads): "
-        "student vs teachers"
+        f"torch.compile (model.compile=true): framework, one ViT-T student, "
+        f"batch {s.batch_size}, {s.img_size} px, {where(s)}"
+    )
+    steps = {}
+    for label, compiled in (("eager", False), ("compiled", True)):
+        torch.manual_seed(0)
+        times = framework_times(s, [vit("ViT-T", s.img_size)], ce, compile_students=compiled)
+        sec.add(f"{label}: first step (compilation included)", times[0], "s")
+        steps[label] = sec.add(
+            f"{label}: step after {s.warmup} warm-up steps",
+            statistics.median(times[s.warmup :]),
+            "s/step",
+        )
+    sec.ratios.append(("compiled / eager step (one student)", steps["compiled"] / steps["eager"]))
+    return sec
+
+
+# ---------------------------------------------------------------- latency and selection
+def latency(s: BenchSettings, name: str, size: int, batch: int) -> dict[str, Any]:
+    """dwskd.models.measure_latency on the bench's device, under its autocast."""
+    model = vit(name, size).to(torch_device(s))
+    with autocast(s):
+        return measure_latency(
+            model,
+            in_chans=IN_CHANS,
+            img_size=size,
+            batch_size=batch,
+            min_run_time=s.latency_min_run_time,
+        )
+
+
+def latency_section(s: BenchSettings) -> Section:
+    """Batch-1 and batched inference: dwskd.models.measure_latency (median, IQR)."""
+    sec = Section(
+        f"Inference latency ({where(s)}, eval mode, no grad, {torch.get_num_threads()} threads):"
+        " student vs teachers"
     )
     for size in s.latency_sizes:
         for batch in s.latency_batches:
             ms = {}
             for name in VIT:
-                timing = measure_latency(
-                    vit(name, size),
-                    in_chans=IN_CHANS,
-                    img_size=size,
-                    batch_size=batch,
-                    min_run_time=s.latency_min_run_time,
-                )
+                timing = latency(s, name, size, batch)
                 ms[name] = timing["median_ms"]
                 unit = "ms (IQR {iqr_ms:.2g} ms, {blocks} blocks, {runs} runs)".format(**timing)
                 sec.add(f"{name}, {size} px, batch {batch}", ms[name], unit)
@@ -326,6 +451,8 @@ def markdown(sections: Sequence[Section], s: BenchSettings, command: str, second
     lines += [f"- command: `{command}` (from the repository root)", f"- date: {now_iso()}"]
     lines += machine_lines(machine_info())
     lines += [
+        f"- measured on: {device_name(s)}, precision {s.precision}, {s.img_size} px images, "
+        f"batch {s.batch_size} (latency: batch {', '.join(map(str, s.latency_batches))})",
         f"- settings: {s}; whole bench took {seconds / 60:.1f} min",
         "- every figure is a median; steps are timed start-to-start after warm-up steps",
     ]
@@ -338,23 +465,47 @@ def markdown(sections: Sequence[Section], s: BenchSettings, command: str, second
     return "\n".join(lines) + "\n"
 
 
-def run_bench(s: BenchSettings) -> list[Section]:
+def run_bench(s: BenchSettings, with_compile: bool = False) -> list[Section]:
+    if s.device == "gpu":
+        torch.backends.cudnn.benchmark = True  # as trainer=gpu, for both loops alike
     training, rates = training_section(s)
-    return [training, latency_section(s), selection_section(s), data_section(s, rates)]
+    sections = [training, latency_section(s), selection_section(s), data_section(s, rates)]
+    return sections + ([compile_section(s)] if with_compile else [])
+
+
+def default_out(s: BenchSettings, smoke: bool) -> Path:
+    """``bench.md`` on the CPU, ``bench_gpu<px>.md`` on the GPU; ``_smoke`` for smoke runs."""
+    stem = "bench" if s.device == "cpu" else f"bench_gpu{s.img_size}"
+    return RESULTS_DIR / f"{stem}{'_smoke' if smoke else ''}.md"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu (default: 64 px, batch 32, fp32) or gpu (CUDA: 224 px, batch 128, 16-mixed)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="add model.compile=true vs eager (slow on CPU)"
+    )
+    p.add_argument("--out", type=Path, help="default experiments/results/bench[_gpu224][_smoke].md")
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA)
     set_offline_env()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for tests")
-    p.add_argument("--out", type=Path, help="default experiments/results/bench[_smoke].md")
-    args = p.parse_args(argv)
-    settings = SMOKE if args.smoke else BenchSettings()
+    settings = settings_for(args.device, args.smoke)
     start = time.perf_counter()
-    sections = run_bench(settings)
+    sections = run_bench(settings, with_compile=args.compile)
     command = invocation("experiments.bench", list(argv) if argv is not None else None)
     text = markdown(sections, settings, command, time.perf_counter() - start)
-    out = args.out or RESULTS_DIR / ("bench_smoke.md" if args.smoke else "bench.md")
+    out = args.out or default_out(settings, args.smoke)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -56,6 +56,7 @@ DATASETS = ("chest_xray", "lung_ct", "brain_mri", "brain_mri_tumour_type")
 SCENARIOS = ("in_domain", "transfer", "pretrained")
 # The shared union teacher (../shared/teachers/README.md): 64 px, grayscale, 8 labelled classes.
 PRETRAINED_TEACHER = "vit_small_medunion8_64px.safetensors"
+PRETRAINED_LR = 1e-4  # fine-tuning a pretrained teacher (method.lr.teacher is 1e-3: from scratch)
 PRETRAINED_HEADS = {
     "match": ["teacher.head=match"],  # keep the head rows of the task's classes (lung_COVID)
     "probe": ["teacher.head=reinit", "teacher.probe_epochs=1"],  # new head, trained alone first
@@ -205,12 +206,17 @@ def teacher_overrides(
 
 
 def pretrained_teacher_overrides(file: Path | None, head: str, epochs: int) -> list[str]:
-    """The pretrained file, adapted to the task: matched (or probed) head, then fine-tuned."""
+    """The pretrained file, adapted to the task: matched (or probed) head, then fine-tuned.
+
+    At a fine-tuning learning rate (``PRETRAINED_LR``, not the 1e-3 that trains a teacher from
+    scratch); dwskd keeps the loaded weights when no fine-tuned epoch validates better.
+    """
     return [
         "teacher.source=file",
         f"teacher.file={file}",
         *PRETRAINED_HEADS[head],
         f"method.epochs.teacher={epochs}",
+        f"method.lr.teacher={PRETRAINED_LR}",
     ]
 
 

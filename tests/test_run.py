@@ -265,6 +265,46 @@ def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) ->
     assert any("confmat_student_a" in p.name for p in media), media
 
 
+@pytest.mark.parametrize("loaded_score", [1.01, -1.0])
+def test_fine_tuning_competes_with_the_loaded_teacher_on_validation(
+    loaded_score: float, tmp_path: Path, monkeypatch
+) -> None:
+    """The loaded weights count as one more candidate epoch: whichever validates better stays.
+
+    The loaded teacher's real score is measured, then replaced by one above (or below) any
+    accuracy, so that the outcome does not depend on how a tiny fine-tune happens to go.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from dwskd import pipeline
+    from dwskd.models import create_model
+    from dwskd.runs import RunLayout
+
+    measured = []
+
+    def rigged(ctx, module):
+        score, weights = real(ctx, module)
+        measured.append(score)
+        return loaded_score, weights
+
+    real = pipeline.loaded_score
+    monkeypatch.setattr(pipeline, "loaded_score", rigged)
+    cfg = compose_config("method=teacher")
+    source = create_model(cfg.teacher, num_classes=4, in_chans=1, img_size=32)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    overrides = ("method=teacher", "teacher.source=file", f"teacher.file={path}")
+    run_pipeline(compose_config(*overrides, "eval.latency=false"), tmp_path / "run")
+    layout = RunLayout(tmp_path / "run")
+    facts = json.loads(layout.done_json("teacher").read_text())["facts"]
+    assert len(measured) == 1 and 0.0 <= measured[0] <= 1.0
+    kept = loaded_score > 1
+    assert facts["kept"] == ("loaded weights" if kept else "fine-tuned")
+    exported = load_file(str(layout.weights("teacher", "teacher")))
+    same = all(torch.equal(exported[k], v) for k, v in source.state_dict().items())
+    assert same == kept
+
+
 @pytest.mark.parametrize("head", ["auto", "reinit"])
 def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> None:
     from safetensors.torch import save_file

@@ -1,0 +1,56 @@
+"""experiments.bench: the device option, its defaults and the torch.compile section."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import pytest
+import torch
+
+from experiments import bench
+
+
+def test_gpu_without_cuda_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "gpu", "--smoke"])
+    message = exit_info.value.code
+    assert isinstance(message, str) and "\n" not in message  # printed as is: no traceback
+    assert "--device gpu" in message and "--device cpu" in message and "CUDA" in message
+
+
+def test_each_device_has_its_defaults_and_its_own_results_file() -> None:
+    cpu, gpu = bench.settings_for("cpu", smoke=False), bench.settings_for("gpu", smoke=False)
+    assert cpu == bench.BenchSettings() and (cpu.img_size, cpu.batch_size) == (64, 32)
+    assert (gpu.device, gpu.precision, gpu.img_size, gpu.batch_size) == (
+        "gpu",
+        "16-mixed",
+        224,
+        128,
+    )
+    assert gpu.latency_batches == (1, 128)
+    assert bench.default_out(cpu, smoke=False).name == "bench.md"
+    assert bench.default_out(gpu, smoke=False).name == "bench_gpu224.md"
+    smoke = bench.settings_for("gpu", smoke=True)
+    assert smoke.device == "gpu" and smoke.img_size == bench.SMOKE.img_size
+    assert bench.default_out(smoke, smoke=True).name == "bench_gpu32_smoke.md"
+
+
+def test_compile_section_compares_compiled_and_eager_steps(
+    monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """Wiring only: the eager backend stands in for inductor (~35 s per ViT on this CPU)."""
+    calls = []
+    real = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(m) or real(m, **kw))
+    section = bench.compile_section(replace(bench.SMOKE, steps=1))
+    assert len(calls) == 1  # the compiled run's one student; the eager run compiles nothing
+    assert [what for what, _, _ in section.rows] == [
+        "eager: first step (compilation included)",
+        "eager: step after 1 warm-up steps",
+        "compiled: first step (compilation included)",
+        "compiled: step after 1 warm-up steps",
+    ]
+    ((ratio, value),) = section.ratios
+    assert ratio == "compiled / eager step (one student)" and value > 0
