@@ -99,8 +99,12 @@ def val_curve(results: Mapping, model: str) -> tuple[float, ...]:
     return tuple(curve)
 
 
-def collect_rows(root: Path) -> list[Row]:
-    return [row for path in find_runs(root) for row in rows_of_run(path)]
+def collect_rows(root: Path, archived: Sequence[Path] = ()) -> list[Row]:
+    """Rows of every finished run under ``root``, plus archived copies of runs not there."""
+    runs: dict[tuple[str, ...], Path] = {}
+    for base in (*reversed(archived), root):  # later bases win: the live run over its copy
+        runs.update({path.parts[-4:]: path for path in find_runs(base)})
+    return [row for key in sorted(runs) for row in rows_of_run(runs[key])]
 
 
 # ------------------------------------------------------------------------- statistics
@@ -449,18 +453,21 @@ def accuracy_figure(records: Sequence[dict]) -> Figure:
     return fig
 
 
-def write_results(root: Path, results_dir: Path, name: str) -> list[Path]:
-    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` from every run under ``root``."""
+def write_results(
+    root: Path, results_dir: Path, name: str, archived: Sequence[Path] = ()
+) -> list[Path]:
+    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` from every run under ``root``
+    and, for runs not there, their archived copies (``experiments.paper.Archive``)."""
     root, results_dir = Path(root), Path(results_dir)
-    rows = collect_rows(root)
+    rows = collect_rows(root, archived)
     records = summarise(rows)
     if not records:
         raise SystemExit(
             f"No runs with metrics.json under {root}/<scenario>/<dataset>/<method>/s<seed>/"
         )
     results_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = root / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    metas = [base / META_FILE for base in (root, *archived) if (base / META_FILE).is_file()]
+    meta = json.loads(metas[0].read_text()) if metas else None
     paths = [results_dir / f"{name}{end}" for end in (".md", ".csv", ".png", "_runs.csv")]
     accuracy_figure(records).savefig(paths[2], dpi=120)
     write_csv(records, paths[1])
@@ -474,8 +481,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("root", type=Path, help="runs root, e.g. outputs/paper")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default="paper")
+    p.add_argument(
+        "--archived",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="archived copies of runs (e.g. experiments/results/runs/paper), used where root lacks them",
+    )
     args = p.parse_args(argv)
-    for path in write_results(args.root, args.results_dir, args.name):
+    for path in write_results(args.root, args.results_dir, args.name, args.archived):
         print(path)
 
 

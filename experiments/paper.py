@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dwskd.machine import machine_info, now_iso
-from dwskd.runs import RunLayout
+from dwskd.runs import RunLayout, atomic_write
 from experiments import aggregate
 from experiments.common import (
     METHODS,
@@ -114,7 +115,11 @@ class Settings:
     transfer_source: dict[str, str]
     pretrained_teacher: Path | None = None
     pretrained_head: str = "match"
+    archive: Path | None = None  # experiments/results/runs/<name>: committed metrics of runs
     extra: tuple[str, ...] = ()
+
+    def archives(self) -> list[Archive]:
+        return [Archive(self.out, self.archive)] if self.archive else []
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,57 @@ def plan_jobs(settings: Settings) -> list[Job]:
     return sorted(jobs, key=lambda j: (j.seed, job_phase(j), j.scenario, j.dataset, j.method))
 
 
+# ------------------------------------------------------------------------- the archive
+@dataclass(frozen=True)
+class Archive:
+    """Copies of finished runs' ``metrics.json`` under ``experiments/results/runs/<name>/``.
+
+    Why: run directories hold weights (tens of MB each) and stay out of git, so a checkout
+    that lacks them would have to redo a sweep of many CPU hours. With the metrics committed,
+    a later checkout skips every archived job and tabulates it; only a teacher whose weights a
+    job still needs is trained again (same seed, same command).
+    """
+
+    out: Path  # the sweep's runs root
+    root: Path  # where the copies live, in the same <scenario>/<dataset>/<method>/s<seed> layout
+
+    def path(self, run_dir: Path) -> Path | None:
+        """The archived copy of ``run_dir``, or None for a run outside this sweep's root."""
+        return (
+            self.root / run_dir.relative_to(self.out) if run_dir.is_relative_to(self.out) else None
+        )
+
+    def store(self, run_dir: Path) -> None:
+        copy = self.path(run_dir)
+        if copy is not None and RunLayout(run_dir).finished:
+            target = RunLayout(copy).metrics_json
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, lambda tmp: shutil.copyfile(RunLayout(run_dir).metrics_json, tmp))
+
+    def store_all(self) -> None:
+        """Archive every finished run under ``out`` (idempotent), and the sweep's invocations."""
+        for metrics in self.out.glob("**/metrics.json"):
+            self.store(metrics.parent)
+        meta = self.out / aggregate.META_FILE
+        if meta.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(meta, self.root / aggregate.META_FILE)
+
+
+def finished_dir(run_dir: Path, archives: Sequence[Archive]) -> Path | None:
+    """Where a finished run's results are: its own dir, else an archived copy; None if neither."""
+    if RunLayout(run_dir).finished:
+        return run_dir
+    copies = [a.path(run_dir) for a in archives]
+    return next((c for c in copies if c is not None and RunLayout(c).finished), None)
+
+
+def must_rerun(job: Job, pending: set[Path | None]) -> bool:
+    """An archived teacher whose weights a job still waits for (they are not archived)."""
+    weights = teacher_weights(job.run_dir)
+    return job.method == "teacher" and weights in pending and not weights.is_file()
+
+
 # ------------------------------------------------------------------------- running jobs
 def run_subprocess(job: Job) -> bool:
     """One isolated ``dwskd.run`` process; its output goes to ``<run dir>.log``."""
@@ -326,13 +382,23 @@ RUNNERS: dict[str, Callable[[Job], bool]] = {
 }
 
 
-def run_jobs(jobs: Sequence[Job], runner: Callable[[Job], bool]) -> list[Job]:
-    """Run what is not done yet, in order; returns the jobs that failed or could not start."""
+def run_jobs(
+    jobs: Sequence[Job], runner: Callable[[Job], bool], archives: Sequence[Archive] = ()
+) -> list[Job]:
+    """Run what is not done yet, in order; returns the jobs that failed or could not start.
+
+    A finished job is archived at once (``archives``); an archived one is skipped unless it is
+    a teacher that a pending job still needs the weights of.
+    """
+    pending = {j.teacher_file for j in jobs if finished_dir(j.run_dir, archives) is None}
     failed = []
     for number, job in enumerate(jobs, 1):
         label = f"[{number}/{len(jobs)}] {job.scenario}/{job.dataset}/{job.method}/s{job.seed}"
         if job.done:
             log.info("%s: done earlier, skipped", label)
+            continue
+        if finished_dir(job.run_dir, archives) and not must_rerun(job, pending):
+            log.info("%s: archived earlier, skipped", label)
             continue
         if job.teacher_file is not None and not job.teacher_file.is_file():
             log.error("%s: teacher %s is missing (its job failed?)", label, job.teacher_file)
@@ -341,6 +407,8 @@ def run_jobs(jobs: Sequence[Job], runner: Callable[[Job], bool]) -> list[Job]:
         log.info("%s: %s", label, job.command())
         if not runner(job):
             failed.append(job)
+        for archive in archives:
+            archive.store(job.run_dir)
     return failed
 
 
@@ -374,6 +442,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="results/<name>.{md,csv,png} and outputs/<name>/ (derived)")
     p.add_argument("--out", type=Path, help="runs root (default outputs/<name>)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--no-archive",
+        action="store_true",
+        help="do not copy finished runs' metrics.json to <results-dir>/runs/<name>/ (nor read them)",
+    )
     p.add_argument("--launcher", choices=tuple(RUNNERS), default="subprocess")
     p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
@@ -444,6 +517,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             pretrained_file(args.pretrained_teacher) if "pretrained" in args.scenarios else None
         ),
         pretrained_head=args.pretrained_head,
+        archive=None if args.no_archive else (args.results_dir / "runs" / name).resolve(),
         extra=tuple(args.overrides),
     )
 
@@ -463,7 +537,9 @@ def pretrained_file(given: Path | None) -> Path:
 def record_invocation(settings: Settings, command: str) -> dict:
     """Append this invocation (command, budget, machine, date) to ``<out>/paper_meta.json``."""
     path = settings.out / aggregate.META_FILE
-    meta = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    archived = settings.archive / aggregate.META_FILE if settings.archive else None
+    source = path if path.is_file() else archived
+    meta = json.loads(source.read_text()) if source and source.is_file() else {"invocations": []}
     entry = asdict(settings)
     entry.update(out=str(settings.out), command=command, date=now_iso(), machine=machine_info())
     meta["invocations"].append(entry)
@@ -486,8 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_invocation(
             settings, invocation("experiments.paper", None if argv is None else list(argv))
         )
-        failed = run_jobs(jobs, RUNNERS[args.launcher])
-    written = aggregate.write_results(settings.out, args.results_dir, settings.name)
+        failed = run_jobs(jobs, RUNNERS[args.launcher], settings.archives())
+    for archive in settings.archives():
+        archive.store_all()
+    archived = [a.root for a in settings.archives()]
+    written = aggregate.write_results(settings.out, args.results_dir, settings.name, archived)
     log.info("results: %s", ", ".join(str(p) for p in written))
     for job in failed:
         log.error("FAILED: %s", job.command())

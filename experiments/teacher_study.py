@@ -34,7 +34,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from dwskd.machine import machine_info, now_iso
-from dwskd.runs import RunLayout, read_results
+from dwskd.runs import read_results
 from experiments import paper
 from experiments.aggregate import mean_std, plain
 from experiments.common import (
@@ -69,6 +69,7 @@ class Study:
     pretrained_teacher: Path | None
     pretrained_head: str = "match"
     extra: tuple[str, ...] = ()  # Hydra overrides for every job
+    archives: tuple[paper.Archive, ...] = ()  # the study's and the paper's committed metrics
 
     def strengths(self) -> list[str]:
         """Weakest first: random, in-domain by epochs, then pretrained (when given)."""
@@ -160,18 +161,21 @@ def plan_jobs(study: Study) -> list[paper.Job]:
 
 
 # ------------------------------------------------------------------------ aggregation
-def test_acc(run_dir: Path) -> tuple[float, float] | None:
-    """(validation, test) accuracy of a finished run's deployed model."""
-    if not RunLayout(run_dir).finished:
+def test_acc(run_dir: Path, archives: Sequence[paper.Archive]) -> tuple[float, float] | None:
+    """(validation, test) accuracy of a finished (or archived) run's deployed model."""
+    found = paper.finished_dir(run_dir, archives)
+    if found is None:
         return None
-    results = read_results(run_dir)
+    results = read_results(found)
     entry = results["models"][results["deployed"]]
     return entry["val"]["acc"], entry["test"]["acc"]
 
 
 def study_records(study: Study, jobs: Sequence[paper.Job]) -> list[dict]:
     """One record per (dataset, teacher strength): teacher advantage and each method's gain."""
-    scores = {(j.dataset, j.scenario, j.method, j.seed): test_acc(j.run_dir) for j in jobs}
+    scores = {
+        (j.dataset, j.scenario, j.method, j.seed): test_acc(j.run_dir, study.archives) for j in jobs
+    }
     records = []
     for dataset in study.datasets:
         scratch = {s: scores.get((dataset, "none", "scratch", s)) for s in study.seeds}
@@ -289,7 +293,7 @@ def write_results(study: Study, jobs: Sequence[paper.Job], results_dir: Path) ->
     records = study_records(study, jobs)
     if not records:
         raise SystemExit(f"No finished teacher runs under {study.out}: run the study first.")
-    meta = json.loads((study.out / META_FILE).read_text())
+    meta = read_meta(study)
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = [results_dir / f"{study.name}.{ext}" for ext in ("md", "csv", "png")]
     figure(records).savefig(paths[2], dpi=120)
@@ -317,6 +321,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="runs root (default outputs/<name>)")
     p.add_argument("--paper-root", type=Path, help="the paper sweep's root (default outputs/paper)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--no-archive",
+        action="store_true",
+        help="neither read nor write <results-dir>/runs/ (archived metrics.json of finished runs)",
+    )
     p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
     p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the results")
@@ -333,6 +342,11 @@ def study_from_args(args: argparse.Namespace) -> Study:
     pretrained = None
     if not args.no_pretrained:
         pretrained = paper.pretrained_file(args.pretrained_teacher)
+    out = (args.out or REPO / "outputs" / name).resolve()
+    paper_name = paper.sweep_name(args.quick, args.device, budget.img_size)
+    paper_root = (args.paper_root or REPO / "outputs" / paper_name).resolve()
+    runs = args.results_dir.resolve() / "runs"
+    archives = (paper.Archive(out, runs / name), paper.Archive(paper_root, runs / paper_root.name))
     return Study(
         name=name,
         datasets=tuple(args.datasets or (["lung_ct"] if args.quick else DATASETS)),
@@ -341,23 +355,32 @@ def study_from_args(args: argparse.Namespace) -> Study:
         teacher_seed=args.teacher_seed,
         budget=budget,
         device=args.device,
-        out=(args.out or REPO / "outputs" / name).resolve(),
-        paper_root=(
-            args.paper_root
-            or REPO / "outputs" / paper.sweep_name(args.quick, args.device, budget.img_size)
-        ).resolve(),
+        out=out,
+        paper_root=paper_root,
         pretrained_teacher=pretrained,
         pretrained_head=args.pretrained_head,
         extra=tuple(args.overrides),
+        archives=() if args.no_archive else archives,
     )
 
 
+def meta_files(study: Study) -> list[Path]:
+    """The study's invocation log: in its runs root, and archived with its metrics."""
+    own = [a.root for a in study.archives if a.out == study.out]
+    return [base / META_FILE for base in (study.out, *own)]
+
+
+def read_meta(study: Study) -> dict:
+    found = [path for path in meta_files(study) if path.is_file()]
+    return json.loads(found[0].read_text()) if found else {"invocations": []}
+
+
 def record_invocation(study: Study, command: str) -> None:
-    path = study.out / META_FILE
-    meta = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    meta = read_meta(study)
     meta["invocations"].append({"command": command, "date": now_iso(), "machine": machine_info()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    for path in meta_files(study):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta, indent=2, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,7 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_invocation(
             study, invocation("experiments.teacher_study", None if argv is None else list(argv))
         )
-        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher])
+        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher], study.archives)
+    for archive in study.archives:
+        if archive.out == study.out:
+            archive.store_all()
     for path in write_results(study, jobs, args.results_dir):
         log.info("results: %s", path)
     for job in failed:

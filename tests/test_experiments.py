@@ -217,6 +217,39 @@ def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
     assert [p.stat().st_mtime_ns for p in files] == before
 
 
+def test_archived_metrics_continue_the_sweep_where_the_run_dirs_are_gone(
+    quick_sweep: tuple, tmp_path: Path
+) -> None:
+    """A fresh checkout has the committed metrics only: it skips them, and re-trains a teacher
+    (same seed, same weights) only for a job that still needs it."""
+    import shutil
+
+    runs, results, argv = quick_sweep
+    archived = results / "runs" / "paper_quick_cpu32"
+    finished = {p.relative_to(runs) for p in runs.glob("*/*/*/s1/metrics.json")}
+    assert {p.relative_to(archived) for p in archived.glob("*/*/*/s1/metrics.json")} == finished
+    assert (archived / aggregate.META_FILE).is_file()
+    shutil.copytree(archived, tmp_path / "results/runs/paper_quick_cpu32")
+    missing = Path("pretrained/synthetic/ws/s1/metrics.json")
+    (tmp_path / "results/runs/paper_quick_cpu32" / missing).unlink()
+    fresh = list(argv)
+    fresh[fresh.index("--out") + 1] = str(tmp_path / "fresh")
+    fresh[fresh.index("--results-dir") + 1] = str(tmp_path / "results")
+    assert paper.main(fresh) == 0
+    made = {
+        p.relative_to(tmp_path / "fresh")
+        for p in (tmp_path / "fresh").glob("*/*/*/s1/metrics.json")
+    }
+    assert made == {missing, Path("pretrained/synthetic/teacher/s1/metrics.json")}
+    again = json.loads(
+        (tmp_path / "fresh/pretrained/synthetic/teacher/s1/metrics.json").read_text()
+    )
+    before = read_metrics(runs, "pretrained", "teacher")["models"]["teacher"]
+    assert again["models"]["teacher"]["val"] == before["val"]  # the same teacher, re-trained
+    with (tmp_path / "results/paper_quick_cpu32_runs.csv").open() as stream:
+        assert len(list(csv.DictReader(stream))) == len(finished)  # every run once
+
+
 # ----------------------------------------------------------------- the teacher study
 def study_argv(quick_sweep: tuple, out: Path) -> list[str]:
     runs, _, paper_argv = quick_sweep
