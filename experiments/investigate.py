@@ -42,6 +42,7 @@ from experiments.paper import (
     Budget,
     Job,
     check_overrides,
+    finish,
     job_overrides,
     run_jobs,
     teacher_weights,
@@ -291,11 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"teacher --seeds {' '.join(map(str, plan.seeds))} (or pass --paper-root)."
             )
         failed = run_jobs(jobs, RUNNERS[args.launcher])
-    for path in write_results(plan, args.results_dir, command):
-        log.info("results: %s", path)
-    for job in failed:
-        log.error("FAILED: %s", job.command())
-    return 1 if failed else 0
+    return finish(write_results(plan, args.results_dir, command), failed)
 
 
 if __name__ == "__main__":

@@ -567,7 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         archive.store_all()
     archived = [a.root for a in settings.archives()]
     written = aggregate.write_results(settings.out, args.results_dir, settings.name, archived)
-    log.info("results: %s", ", ".join(str(p) for p in written))
+    return finish(written, failed)
+
+
+def finish(written: Sequence[Path], failed: Sequence[Job]) -> int:
+    """Say what was written and which jobs failed; the exit code of a sweep script."""
+    for path in written:
+        log.info("results: %s", path)
     for job in failed:
         log.error("FAILED: %s", job.command())
     return 1 if failed else 0

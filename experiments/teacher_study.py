@@ -402,11 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for archive in study.archives:
         if archive.out == study.out:
             archive.store_all()
-    for path in write_results(study, jobs, args.results_dir):
-        log.info("results: %s", path)
-    for job in failed:
-        log.error("FAILED: %s", job.command())
-    return 1 if failed else 0
+    return paper.finish(write_results(study, jobs, args.results_dir), failed)
 
 
 if __name__ == "__main__":
