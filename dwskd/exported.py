@@ -99,6 +99,40 @@ def _drop_source_fields(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def holds_state_of(path: Path | None, model: Any) -> bool:
+    """Whether a safetensors file has exactly ``model``'s state-dict keys, dtypes and shapes.
+
+    Why: a teacher loaded unchanged from another run's export (a file reference) can then be
+    hard-linked into this run's exports instead of written again (85 MB per ViT-S); a file
+    that needed adapting (float16, other channels or keys) does not pass and is written.
+    """
+    if path is None or path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    with safe_open(str(path), "pt") as f:
+        if set(f.keys()) != set(state):
+            return False
+        for key, tensor in state.items():
+            stored = f.get_slice(key)
+            if list(stored.get_shape()) != list(tensor.shape):
+                return False
+            if stored.get_dtype() != _SAFETENSORS_DTYPES.get(str(tensor.dtype)):
+                return False
+    return True
+
+
+# torch dtype (as str) -> the dtype name safetensors stores in its header
+_SAFETENSORS_DTYPES = {
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.bool": "BOOL",
+}
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)

@@ -450,12 +450,13 @@ def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -
             "positive_class": entry["test"].get("positive_class"),
             "metrics": {split: scalar_only(entry[split]) for split in ("val", "test")},
         }
+        weights = layout.final_weights(name)  # this run's export, or a referenced file
         folder = exported.write_model_folder(
             layout.export_dir(name),
             model,
             preprocessing,
             provenance,
-            weights=layout.final_weights(name, own=True),
+            weights=weights if exported.holds_state_of(weights, model) else None,
         )
         written[name] = str(folder.relative_to(layout.root))
     return written

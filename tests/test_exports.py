@@ -44,6 +44,29 @@ def test_every_tested_model_is_exported_without_extra_disk(finished_run) -> None
     assert deployed == layout.export_dir(results["deployed"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_teacher_loaded_unchanged_from_a_file_is_linked_not_written_again(
+    dtype: str, tmp_path: Path, finished_run
+) -> None:
+    """A sweep's students reference the teacher job's export: their teacher export is a hard
+    link to it. A file that had to be adapted (float16 here) is written as the model it became."""
+    from safetensors.torch import load_file, save_file
+
+    out, _ = finished_run
+    source = tmp_path / "teacher.safetensors"
+    state = load_file(str(runs.RunLayout(out).final_weights("teacher")))
+    save_file({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, str(source))
+    overrides = ("method=ws", "teacher.source=file", f"teacher.file={source}", "eval.latency=false")
+    epochs = ("trainer.max_epochs=null", "method.epochs.teacher=0", "method.epochs.train=1")
+    run_pipeline(compose_config(*overrides, *epochs), tmp_path / "ws")
+    export = runs.RunLayout(tmp_path / "ws").export_dir("teacher") / exported.WEIGHTS_FILE
+    assert export.samefile(source) == (dtype == "float32")
+    written = load_file(str(export))
+    assert all(
+        torch.equal(written[k], v.to(getattr(torch, dtype)).float()) for k, v in state.items()
+    )
+
+
 def test_timm_local_dir_reproduces_the_runs_test_probabilities(finished_run) -> None:
     """timm alone (local-dir + resolve_data_config) gives the run's own test predictions."""
     out, results = finished_run
