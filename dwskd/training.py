@@ -146,9 +146,8 @@ class ValCurve(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metric = getattr(pl_module, "monitor_metric", "acc")
-        for name in getattr(pl_module, "names", []):
-            value = trainer.callback_metrics.get(f"val/{name}/{metric}")
+        for name in pl_module.names:  # a DistillModule: its students and monitored metric
+            value = trainer.callback_metrics.get(f"val/{name}/{pl_module.monitor_metric}")
             if value is not None:
                 points = self.curve.setdefault(name, [])
                 del points[trainer.current_epoch :]  # a re-validated epoch replaces its value
@@ -240,8 +239,8 @@ def fit_stage(
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     finally:
         stage_logging.finish_loggers()
-    curves = [c.curve for c in callbacks if isinstance(c, ValCurve)]
-    return {**restore_best(trainer, module), "val_curve": curves[0]}
+    curve = next(c.curve for c in callbacks if isinstance(c, ValCurve))
+    return {**restore_best(trainer, module), "val_curve": curve}
 
 
 def restore_best(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:

@@ -453,6 +453,13 @@ def accuracy_figure(records: Sequence[dict]) -> Figure:
     return fig
 
 
+def read_meta(*candidates: Path) -> dict:
+    """A sweep's invocation log: the first of ``candidates`` that exists (its runs root, then
+    its archived copy in a fresh checkout); no invocations when none does."""
+    found = [path for path in candidates if path.is_file()]
+    return json.loads(found[0].read_text()) if found else {"invocations": []}
+
+
 def write_results(
     root: Path, results_dir: Path, name: str, archived: Sequence[Path] = ()
 ) -> list[Path]:
@@ -466,8 +473,7 @@ def write_results(
             f"No runs with metrics.json under {root}/<scenario>/<dataset>/<method>/s<seed>/"
         )
     results_dir.mkdir(parents=True, exist_ok=True)
-    metas = [base / META_FILE for base in (root, *archived) if (base / META_FILE).is_file()]
-    meta = json.loads(metas[0].read_text()) if metas else None
+    meta = read_meta(*(base / META_FILE for base in (root, *archived)))
     paths = [results_dir / f"{name}{end}" for end in (".md", ".csv", ".png", "_runs.csv")]
     accuracy_figure(records).savefig(paths[2], dpi=120)
     write_csv(records, paths[1])

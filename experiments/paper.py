@@ -297,6 +297,7 @@ class Archive:
 
     out: Path  # the sweep's runs root
     root: Path  # where the copies live, in the same <scenario>/<dataset>/<method>/s<seed> layout
+    meta_file: str = aggregate.META_FILE  # the sweep's invocation log, archived with it
 
     def path(self, run_dir: Path) -> Path | None:
         """The archived copy of ``run_dir``, or None for a run outside this sweep's root."""
@@ -315,10 +316,26 @@ class Archive:
         """Archive every finished run under ``out`` (idempotent), and the sweep's invocations."""
         for metrics in self.out.glob("**/metrics.json"):
             self.store(metrics.parent)
-        meta = self.out / aggregate.META_FILE
+        meta = self.out / self.meta_file
         if meta.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(meta, self.root / aggregate.META_FILE)
+            shutil.copyfile(meta, self.root / self.meta_file)
+
+
+def sweep_meta(out: Path, archives: Sequence[Archive], name: str = aggregate.META_FILE) -> dict:
+    """A sweep's invocation log: in its runs root, else (a fresh checkout) its archived copy."""
+    return aggregate.read_meta(out / name, *(a.root / name for a in archives if a.out == out))
+
+
+def append_invocation(
+    out: Path, archives: Sequence[Archive], entry: dict, name: str = aggregate.META_FILE
+) -> dict:
+    """Add one invocation to ``<out>/<name>`` (``Archive.store_all`` copies it); the log."""
+    meta = sweep_meta(out, archives, name)
+    meta["invocations"].append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(meta, indent=2, default=str))
+    return meta
 
 
 def finished_dir(run_dir: Path, archives: Sequence[Archive]) -> Path | None:
@@ -534,18 +551,11 @@ def pretrained_file(given: Path | None) -> Path:
     return path
 
 
-def record_invocation(settings: Settings, command: str) -> dict:
+def record_invocation(settings: Settings, command: str) -> None:
     """Append this invocation (command, budget, machine, date) to ``<out>/paper_meta.json``."""
-    path = settings.out / aggregate.META_FILE
-    archived = settings.archive / aggregate.META_FILE if settings.archive else None
-    source = path if path.is_file() else archived
-    meta = json.loads(source.read_text()) if source and source.is_file() else {"invocations": []}
     entry = asdict(settings)
     entry.update(out=str(settings.out), command=command, date=now_iso(), machine=machine_info())
-    meta["invocations"].append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=2, default=str))
-    return meta
+    append_invocation(settings.out, settings.archives(), entry)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from dwskd.machine import machine_info, now_iso
@@ -55,26 +55,31 @@ META_FILE = "teacher_study_meta.json"
 
 @dataclass(frozen=True)
 class Study:
-    """Everything that defines the study; the plan is a pure function of it."""
+    """Everything that defines the study; the plan is a pure function of it.
+
+    ``shared`` is the paper sweep whose jobs the study reuses; its datasets, seeds, budget,
+    device, pretrained teacher and extra overrides are the study's too.
+    """
 
     name: str
-    datasets: tuple[str, ...]
-    seeds: tuple[int, ...]
+    out: Path
     teacher_epochs: tuple[int, ...]
     teacher_seed: int
-    budget: paper.Budget
-    device: str
-    out: Path
-    paper_root: Path
-    pretrained_teacher: Path | None
-    pretrained_head: str = "match"
-    extra: tuple[str, ...] = ()  # Hydra overrides for every job
-    archives: tuple[paper.Archive, ...] = ()  # the study's and the paper's committed metrics
+    shared: paper.Settings
+    archive: Path | None = None  # experiments/results/runs/<name>
 
     def strengths(self) -> list[str]:
         """Weakest first: random, in-domain by epochs, then pretrained (when given)."""
         names = ["random", *(f"in_domain_e{n}" for n in sorted(self.teacher_epochs))]
-        return names + (["pretrained"] if self.pretrained_teacher else [])
+        return names + (["pretrained"] if self.shared.pretrained_teacher else [])
+
+    def own_archive(self) -> paper.Archive | None:
+        return paper.Archive(self.out, self.archive, META_FILE) if self.archive else None
+
+    def archives(self) -> list[paper.Archive]:
+        """The study's own archived metrics, then the paper's."""
+        own = self.own_archive()
+        return ([own] if own else []) + self.shared.archives()
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -83,20 +88,27 @@ def teacher_overrides(study: Study, strength: str) -> tuple[list[str], Path | No
     if strength == "random":
         return ["teacher.source=random", "method.epochs.teacher=0"], None
     if strength == "pretrained":
-        epochs = study.budget.transfer_epochs
-        file = study.pretrained_teacher
-        return paper.pretrained_teacher_overrides(file, study.pretrained_head, epochs), file
+        shared = study.shared
+        file, epochs = shared.pretrained_teacher, shared.budget.transfer_epochs
+        return paper.pretrained_teacher_overrides(file, shared.pretrained_head, epochs), file
     epochs = int(strength.removeprefix("in_domain_e"))
     return ["teacher.source=fit", f"method.epochs.teacher={epochs}"], None
 
 
+def job_overrides(study: Study, dataset: str, method: str, seed: int, *teacher: str) -> tuple:
+    """A job's overrides on the paper's budget and device, its extra overrides last."""
+    shared = study.shared
+    return paper.job_overrides(
+        dataset, method, seed, shared.budget, shared.device, *teacher, *shared.extra
+    )
+
+
 def teacher_job(study: Study, dataset: str, strength: str) -> paper.Job:
     teacher, needs = teacher_overrides(study, strength)
-    overrides = paper.job_overrides(
-        dataset, "teacher", study.teacher_seed, study.budget, study.device, *teacher, *study.extra
-    )
+    seed = study.teacher_seed
+    overrides = job_overrides(study, dataset, "teacher", seed, *teacher)
     run_dir = study.out / dataset / "teacher" / strength
-    return paper.Job(strength, dataset, "teacher", study.teacher_seed, run_dir, overrides, needs)
+    return paper.Job(strength, dataset, "teacher", seed, run_dir, overrides, needs)
 
 
 def student_job(
@@ -104,38 +116,15 @@ def student_job(
 ) -> paper.Job:
     weights = paper.teacher_weights(teacher.run_dir)
     extra = ["teacher.source=file", f"teacher.file={weights}", "method.epochs.teacher=0"]
-    overrides = paper.job_overrides(
-        dataset, method, seed, study.budget, study.device, *extra, *study.extra
-    )
+    overrides = job_overrides(study, dataset, method, seed, *extra)
     run_dir = study.out / dataset / teacher.scenario / method / f"s{seed}"
     return paper.Job(teacher.scenario, dataset, method, seed, run_dir, overrides, weights)
 
 
 def scratch_job(study: Study, dataset: str, seed: int) -> paper.Job:
-    overrides = paper.job_overrides(
-        dataset, "scratch", seed, study.budget, study.device, *study.extra
-    )
+    overrides = job_overrides(study, dataset, "scratch", seed)
     run_dir = study.out / dataset / "scratch" / f"s{seed}"
     return paper.Job("none", dataset, "scratch", seed, run_dir, overrides)
-
-
-def paper_run_dirs(study: Study) -> dict[tuple[str, ...], Path]:
-    """The paper jobs this study could share, by their exact overrides."""
-    settings = paper.Settings(
-        name="paper",
-        datasets=study.datasets,
-        methods=("scratch", *STUDENTS, "teacher"),
-        seeds=study.seeds,
-        scenarios=("in_domain", "pretrained") if study.pretrained_teacher else ("in_domain",),
-        budget=study.budget,
-        device=study.device,
-        out=study.paper_root,
-        transfer_source=paper.TRANSFER_SOURCE,
-        pretrained_teacher=study.pretrained_teacher,
-        pretrained_head=study.pretrained_head,
-        extra=study.extra,
-    )
-    return {job.overrides: job.run_dir for job in paper.plan_jobs(settings)}
 
 
 def shared(job: paper.Job, known: dict[tuple[str, ...], Path]) -> paper.Job:
@@ -145,23 +134,26 @@ def shared(job: paper.Job, known: dict[tuple[str, ...], Path]) -> paper.Job:
 
 def plan_jobs(study: Study) -> list[paper.Job]:
     """Teachers first (weakest to strongest), then scratch and students seed by seed."""
-    known = paper_run_dirs(study)
+    known = {job.overrides: job.run_dir for job in paper.plan_jobs(study.shared)}
+    seeds = study.shared.seeds
     teachers, students = [], []
-    for dataset in study.datasets:
+    for dataset in study.shared.datasets:
         for strength in study.strengths():
             teacher = shared(teacher_job(study, dataset, strength), known)
             teachers.append(teacher)
-            for seed in study.seeds:
+            for seed in seeds:
                 for method in STUDENTS:
                     students.append(
                         shared(student_job(study, dataset, method, seed, teacher), known)
                     )
-        students += [shared(scratch_job(study, dataset, seed), known) for seed in study.seeds]
+        students += [shared(scratch_job(study, dataset, seed), known) for seed in seeds]
     return teachers + sorted(students, key=lambda j: (j.seed, j.dataset, j.method != "scratch"))
 
 
 # ------------------------------------------------------------------------ aggregation
-def test_acc(run_dir: Path, archives: Sequence[paper.Archive]) -> tuple[float, float] | None:
+def val_and_test_acc(
+    run_dir: Path, archives: Sequence[paper.Archive]
+) -> tuple[float, float] | None:
     """(validation, test) accuracy of a finished (or archived) run's deployed model."""
     found = paper.finished_dir(run_dir, archives)
     if found is None:
@@ -173,17 +165,19 @@ def test_acc(run_dir: Path, archives: Sequence[paper.Archive]) -> tuple[float, f
 
 def study_records(study: Study, jobs: Sequence[paper.Job]) -> list[dict]:
     """One record per (dataset, teacher strength): teacher advantage and each method's gain."""
+    archives = study.archives()
     scores = {
-        (j.dataset, j.scenario, j.method, j.seed): test_acc(j.run_dir, study.archives) for j in jobs
+        (j.dataset, j.scenario, j.method, j.seed): val_and_test_acc(j.run_dir, archives)
+        for j in jobs
     }
     records = []
-    for dataset in study.datasets:
-        scratch = {s: scores.get((dataset, "none", "scratch", s)) for s in study.seeds}
+    for dataset in study.shared.datasets:
+        scratch = {s: scores.get((dataset, "none", "scratch", s)) for s in study.shared.seeds}
         for strength in study.strengths():
             teacher = scores.get((dataset, strength, "teacher", study.teacher_seed))
             if teacher is None:
                 continue
-            seeds = [s for s in study.seeds if scratch[s] is not None]
+            seeds = [s for s in study.shared.seeds if scratch[s] is not None]
             record = {"dataset": dataset, "teacher": strength, "teacher_val_acc": teacher[0]}
             record["teacher_test_acc"] = teacher[1]
             adv = [teacher[0] - scratch[s][0] for s in seeds]
@@ -218,16 +212,17 @@ def pays_from(records: Sequence[dict], dataset: str, method: str) -> str:
 
 
 def markdown(study: Study, records: Sequence[dict], meta: dict, plot: str) -> str:
+    shared, budget = study.shared, study.shared.budget
     lines = ["# Teacher-strength study: does a stronger teacher make ws and dwskd pay?", ""]
     lines += [
-        f"- aggregated: {now_iso()} from `{study.out}` (shared jobs: `{study.paper_root}`)",
-        f"- budget: {study.budget.img_size} px, batch {study.budget.batch_size}, every student "
-        f"{study.budget.student_epochs} passes over train (dwskd: "
-        f"{study.budget.student_epochs - study.budget.finetune_epochs} joint + "
-        f"{study.budget.finetune_epochs} fine-tune); device {study.device}",
+        f"- aggregated: {now_iso()} from `{study.out}` (shared jobs: `{shared.out}`)",
+        f"- budget: {budget.img_size} px, batch {budget.batch_size}, every student "
+        f"{budget.student_epochs} passes over train (dwskd: "
+        f"{budget.student_epochs - budget.finetune_epochs} joint + "
+        f"{budget.finetune_epochs} fine-tune); device {shared.device}",
         f"- one teacher per strength (seed {study.teacher_seed}) serves student seeds "
-        f"{' '.join(map(str, study.seeds))}; pretrained: `{study.pretrained_teacher}` "
-        f"(head {study.pretrained_head}, fine-tuned {study.budget.transfer_epochs} epochs)",
+        f"{' '.join(map(str, shared.seeds))}; pretrained: `{shared.pretrained_teacher}` "
+        f"(head {shared.pretrained_head}, fine-tuned {budget.transfer_epochs} epochs)",
     ]
     for entry in meta["invocations"]:
         lines.append(f"- runs made {entry['date']} by `{entry['command']}`:")
@@ -268,8 +263,8 @@ def figure(records: Sequence[dict]) -> Figure:
             ax.errorbar(
                 [100 * r["advantage_mean"] for r in own],
                 [100 * r[f"{method}_gain_mean"] for r in own],
-                xerr=[100 * nan_to_zero(r["advantage_std"]) for r in own],
-                yerr=[100 * nan_to_zero(r[f"{method}_gain_std"]) for r in own],
+                xerr=[100 * np.nan_to_num(r["advantage_std"]) for r in own],
+                yerr=[100 * np.nan_to_num(r[f"{method}_gain_std"]) for r in own],
                 marker=marker,
                 capsize=3,
                 label=method,
@@ -285,15 +280,11 @@ def figure(records: Sequence[dict]) -> Figure:
     return fig
 
 
-def nan_to_zero(value: float) -> float:
-    return 0.0 if value != value else value
-
-
 def write_results(study: Study, jobs: Sequence[paper.Job], results_dir: Path) -> list[Path]:
     records = study_records(study, jobs)
     if not records:
         raise SystemExit(f"No finished teacher runs under {study.out}: run the study first.")
-    meta = read_meta(study)
+    meta = paper.sweep_meta(study.out, study.archives(), META_FILE)
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = [results_dir / f"{study.name}.{ext}" for ext in ("md", "csv", "png")]
     figure(records).savefig(paths[2], dpi=120)
@@ -342,45 +333,37 @@ def study_from_args(args: argparse.Namespace) -> Study:
     pretrained = None
     if not args.no_pretrained:
         pretrained = paper.pretrained_file(args.pretrained_teacher)
-    out = (args.out or REPO / "outputs" / name).resolve()
     paper_name = paper.sweep_name(args.quick, args.device, budget.img_size)
     paper_root = (args.paper_root or REPO / "outputs" / paper_name).resolve()
     runs = args.results_dir.resolve() / "runs"
-    archives = (paper.Archive(out, runs / name), paper.Archive(paper_root, runs / paper_root.name))
-    return Study(
-        name=name,
+    shared = paper.Settings(
+        name=paper_root.name,
         datasets=tuple(args.datasets or (["lung_ct"] if args.quick else DATASETS)),
+        methods=("scratch", *STUDENTS, "teacher"),
         seeds=tuple(args.seeds or ([1] if args.quick else [1, 2, 3])),
-        teacher_epochs=tuple(args.teacher_epochs or ([1, 2] if args.quick else [5, 20, 60])),
-        teacher_seed=args.teacher_seed,
+        scenarios=("in_domain", "pretrained") if pretrained else ("in_domain",),
         budget=budget,
         device=args.device,
-        out=out,
-        paper_root=paper_root,
+        out=paper_root,
+        transfer_source=paper.TRANSFER_SOURCE,
         pretrained_teacher=pretrained,
         pretrained_head=args.pretrained_head,
+        archive=None if args.no_archive else runs / paper_root.name,
         extra=tuple(args.overrides),
-        archives=() if args.no_archive else archives,
+    )
+    return Study(
+        name=name,
+        out=(args.out or REPO / "outputs" / name).resolve(),
+        teacher_epochs=tuple(args.teacher_epochs or ([1, 2] if args.quick else [5, 20, 60])),
+        teacher_seed=args.teacher_seed,
+        shared=shared,
+        archive=None if args.no_archive else runs / name,
     )
 
 
-def meta_files(study: Study) -> list[Path]:
-    """The study's invocation log: in its runs root, and archived with its metrics."""
-    own = [a.root for a in study.archives if a.out == study.out]
-    return [base / META_FILE for base in (study.out, *own)]
-
-
-def read_meta(study: Study) -> dict:
-    found = [path for path in meta_files(study) if path.is_file()]
-    return json.loads(found[0].read_text()) if found else {"invocations": []}
-
-
 def record_invocation(study: Study, command: str) -> None:
-    meta = read_meta(study)
-    meta["invocations"].append({"command": command, "date": now_iso(), "machine": machine_info()})
-    for path in meta_files(study):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=2, default=str))
+    entry = {"command": command, "date": now_iso(), "machine": machine_info()}
+    paper.append_invocation(study.out, study.archives(), entry, META_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,10 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_invocation(
             study, invocation("experiments.teacher_study", None if argv is None else list(argv))
         )
-        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher], study.archives)
-    for archive in study.archives:
-        if archive.out == study.out:
-            archive.store_all()
+        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher], study.archives())
+    own = study.own_archive()
+    if own is not None:
+        own.store_all()
     return paper.finish(write_results(study, jobs, args.results_dir), failed)
 
 
