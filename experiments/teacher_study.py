@@ -127,7 +127,7 @@ def scratch_job(study: Study, dataset: str, seed: int) -> paper.Job:
     return paper.Job("none", dataset, "scratch", seed, run_dir, overrides)
 
 
-def shared(job: paper.Job, known: dict[tuple[str, ...], Path]) -> paper.Job:
+def in_paper_dir(job: paper.Job, known: dict[tuple[str, ...], Path]) -> paper.Job:
     """The same job in the paper's run directory when the paper plans it identically."""
     return replace(job, run_dir=known[job.overrides]) if job.overrides in known else job
 
@@ -139,14 +139,14 @@ def plan_jobs(study: Study) -> list[paper.Job]:
     teachers, students = [], []
     for dataset in study.shared.datasets:
         for strength in study.strengths():
-            teacher = shared(teacher_job(study, dataset, strength), known)
+            teacher = in_paper_dir(teacher_job(study, dataset, strength), known)
             teachers.append(teacher)
             for seed in seeds:
                 for method in STUDENTS:
                     students.append(
-                        shared(student_job(study, dataset, method, seed, teacher), known)
+                        in_paper_dir(student_job(study, dataset, method, seed, teacher), known)
                     )
-        students += [shared(scratch_job(study, dataset, seed), known) for seed in seeds]
+        students += [in_paper_dir(scratch_job(study, dataset, seed), known) for seed in seeds]
     return teachers + sorted(students, key=lambda j: (j.seed, j.dataset, j.method != "scratch"))
 
 
