@@ -352,6 +352,34 @@ def must_rerun(job: Job, pending: set[Path | None]) -> bool:
     return job.method == "teacher" and weights in pending and not weights.is_file()
 
 
+def job_states(jobs: Sequence[Job], archives: Sequence[Archive] = ()) -> list[str]:
+    """Per job, what a sweep will do with it: ``done``, ``archived`` (both skipped) or ``to run``.
+
+    One rule for ``run_jobs`` and ``--dry-run``, so the listing says what running would do.
+    """
+    pending = {j.teacher_file for j in jobs if finished_dir(j.run_dir, archives) is None}
+
+    def state(job: Job) -> str:
+        if job.done:
+            return "done"
+        if finished_dir(job.run_dir, archives) and not must_rerun(job, pending):
+            return "archived"
+        return "to run"
+
+    return [state(job) for job in jobs]
+
+
+def plan_listing(jobs: Sequence[Job], archives: Sequence[Archive] = ()) -> str:
+    """``--dry-run``: the commands still to run, then the skipped ones as comments."""
+    states = job_states(jobs, archives)
+    todo = [job.command() for job, s in zip(jobs, states, strict=True) if s == "to run"]
+    skipped = [
+        f"# {s}: {job.command()}" for job, s in zip(jobs, states, strict=True) if s != "to run"
+    ]
+    head = f"# {len(todo)} of {len(jobs)} jobs to run; {len(skipped)} done or archived (skipped)"
+    return "\n".join([head, *todo, *skipped])
+
+
 # ------------------------------------------------------------------------- running jobs
 def run_subprocess(job: Job) -> bool:
     """One isolated ``dwskd.run`` process; its output goes to ``<run dir>.log``."""
@@ -407,15 +435,11 @@ def run_jobs(
     A finished job is archived at once (``archives``); an archived one is skipped unless it is
     a teacher that a pending job still needs the weights of.
     """
-    pending = {j.teacher_file for j in jobs if finished_dir(j.run_dir, archives) is None}
     failed = []
-    for number, job in enumerate(jobs, 1):
+    for number, (job, state) in enumerate(zip(jobs, job_states(jobs, archives), strict=True), 1):
         label = f"[{number}/{len(jobs)}] {job.scenario}/{job.dataset}/{job.method}/s{job.seed}"
-        if job.done:
-            log.info("%s: done earlier, skipped", label)
-            continue
-        if finished_dir(job.run_dir, archives) and not must_rerun(job, pending):
-            log.info("%s: archived earlier, skipped", label)
+        if state != "to run":
+            log.info("%s: %s earlier, skipped", label, state)
             continue
         if job.teacher_file is not None and not job.teacher_file.is_file():
             log.error("%s: teacher %s is missing (its job failed?)", label, job.teacher_file)
@@ -465,7 +489,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="do not copy finished runs' metrics.json to <results-dir>/runs/<name>/ (nor read them)",
     )
     p.add_argument("--launcher", choices=tuple(RUNNERS), default="subprocess")
-    p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the jobs still to run (and the skipped ones), run nothing",
+    )
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     return p.parse_args(argv)
@@ -565,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(args)
     jobs = plan_jobs(settings)
     if args.dry_run:
-        print("\n".join(job.command() for job in jobs))
+        print(plan_listing(jobs, settings.archives()))
         return 0
     failed: list[Job] = []
     if not args.aggregate_only:

@@ -318,7 +318,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="neither read nor write <results-dir>/runs/ (archived metrics.json of finished runs)",
     )
     p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
-    p.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the jobs still to run (and the skipped ones), run nothing",
+    )
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the results")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     return p.parse_args(argv)
@@ -374,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = study_from_args(args)
     jobs = plan_jobs(study)
     if args.dry_run:
-        print("\n".join(job.command() for job in jobs))
+        print(paper.plan_listing(jobs, study.archives()))
         return 0
     failed: list[paper.Job] = []
     if not args.aggregate_only:

@@ -218,7 +218,7 @@ def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
 
 
 def test_archived_metrics_continue_the_sweep_where_the_run_dirs_are_gone(
-    quick_sweep: tuple, tmp_path: Path
+    quick_sweep: tuple, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A fresh checkout has the committed metrics only: it skips them, and re-trains a teacher
     (same seed, same weights) only for a job that still needs it."""
@@ -235,6 +235,15 @@ def test_archived_metrics_continue_the_sweep_where_the_run_dirs_are_gone(
     fresh = list(argv)
     fresh[fresh.index("--out") + 1] = str(tmp_path / "fresh")
     fresh[fresh.index("--results-dir") + 1] = str(tmp_path / "results")
+    assert paper.main([*fresh, "--dry-run"]) == 0  # lists what the real call then runs
+    listing = capsys.readouterr().out.splitlines()
+    to_run = [line for line in listing if not line.startswith("#")]
+    assert listing[0].startswith(f"# 2 of {len(finished)} jobs to run")
+    assert [line.split("hydra.run.dir=")[1] for line in to_run] == [
+        str(tmp_path / "fresh/pretrained/synthetic/teacher/s1"),
+        str(tmp_path / "fresh/pretrained/synthetic/ws/s1"),
+    ]
+    assert not (tmp_path / "fresh").exists()  # a dry run writes nothing
     assert paper.main(fresh) == 0
     made = {
         p.relative_to(tmp_path / "fresh")
