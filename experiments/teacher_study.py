@@ -195,20 +195,31 @@ def study_records(study: Study, jobs: Sequence[paper.Job]) -> list[dict]:
     return records
 
 
+def clear_gain(record: dict, method: str) -> bool:
+    """A gain larger than its spread over seeds (mean > std, n >= 2): not seed noise."""
+    mean, std = record[f"{method}_gain_mean"], record[f"{method}_gain_std"]
+    return record[f"{method}_n"] >= 2 and mean > 0 and mean > std
+
+
 def pays_from(records: Sequence[dict], dataset: str, method: str) -> str:
-    """The smallest teacher advantage from which the method beats scratch for every stronger one."""
+    """The smallest teacher advantage from which the method clearly beats scratch for every
+    stronger teacher (``clear_gain``); means alone would call seed noise a win."""
     own = sorted(
         (r for r in records if r["dataset"] == dataset and r[f"{method}_n"]),
         key=lambda r: r["advantage_mean"],
     )
     for i, record in enumerate(own):
-        if all(r[f"{method}_gain_mean"] > 0 for r in own[i:]):
+        if all(clear_gain(r, method) for r in own[i:]):
             return (
-                f"{method} beats scratch on {dataset} (mean test accuracy) for every teacher with "
-                f"an advantage of {100 * record['advantage_mean']:+.1f} points or more "
+                f"{method} beats scratch on {dataset} by more than the seed spread (mean gain > "
+                f"its std) for every teacher with an advantage of "
+                f"{100 * record['advantage_mean']:+.1f} points or more "
                 f"({record['teacher']} and stronger)."
             )
-    return f"{method} does not beat scratch on {dataset} even with the strongest teacher here."
+    return (
+        f"{method} does not beat scratch on {dataset} by more than the seed spread, even with "
+        "the strongest teacher here."
+    )
 
 
 def markdown(study: Study, records: Sequence[dict], meta: dict, plot: str) -> str:

@@ -344,6 +344,25 @@ def test_teacher_study_runs_only_what_the_paper_lacks_and_plots_gain_vs_advantag
     assert (tmp_path / "results/teacher_study_quick.png").stat().st_size > 1000
 
 
+def test_study_verdict_counts_a_gain_only_when_it_exceeds_its_seed_spread() -> None:
+    from experiments import teacher_study
+
+    def record(teacher: str, advantage: float, gain: float, std: float, n: int = 3) -> dict:
+        return {"dataset": "d", "teacher": teacher, "advantage_mean": advantage,
+                "ws_gain_mean": gain, "ws_gain_std": std, "ws_n": n}  # fmt: skip
+
+    records = [
+        record("random", -0.3, 0.03, 0.05),  # positive mean inside its spread: noise
+        record("e5", 0.04, 0.07, 0.05),
+        record("pretrained", 0.18, 0.11, 0.07),
+    ]
+    assert "advantage of +4.0 points or more (e5 and stronger)" in teacher_study.pays_from(
+        records, "d", "ws"
+    )
+    records[2] = record("pretrained", 0.18, 0.11, float("nan"), n=1)  # one seed proves nothing
+    assert "does not beat" in teacher_study.pays_from(records, "d", "ws")
+
+
 # ------------------------------------------------------------------ the investigation
 def investigate_plan(tmp_path: Path, *argv: str) -> investigate.Plan:
     base = ["--out", str(tmp_path), "--paper-root", str(tmp_path / "paper")]
