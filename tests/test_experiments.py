@@ -478,9 +478,16 @@ def test_aggregate_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
     text = paths[0].read_text()
     assert "| dwskd | deployed (student_b x3) | 3 | 70.0 ± 10.0 |" in text
     assert "| scratch | deployed (student_a x1) | 1 | 90.0 |" in text
-    assert "dwskd does not beat the best baseline (scratch): -20.0" in text
+    assert "best baseline (scratch): -20.0 accuracy points (more than one std)" in text
     assert "| dataset | scratch | dwskd |" in text  # the summary table, in METHODS order
     assert "| toy | 90.0 / 90.0 (n=1) | 70.0 ± 10.0 / 70.0 ± 10.0 (n=3) |" in text
+
+
+def test_a_gap_is_weighed_against_the_seed_spread_that_exists() -> None:
+    one_seed, spread = {"acc_std": math.nan}, {"acc_std": 0.05}
+    assert aggregate.gap_size(3.0, one_seed, one_seed).startswith("one seed each")
+    assert aggregate.gap_size(3.0, one_seed, spread) == "within one std"
+    assert aggregate.gap_size(-6.0, spread, one_seed) == "more than one std"
 
 
 def test_convergence_counts_epochs_to_scratchs_best_per_seed() -> None:
