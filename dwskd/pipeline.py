@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import exported, models, runs, selection, training
+from dwskd import exported, external, models, runs, selection, training
 from dwskd.distill import DistillOptions
 from dwskd.loggers import log_results, stage_loggers, wandb_group
 from dwskd.machine import git_commit, machine_info, package_versions
@@ -150,6 +150,8 @@ def check_evaluation(cfg: DictConfig) -> None:
             "use a val/ metric",
             cfg.optimized_metric,
         )
+    if cfg.eval.get("external", True):
+        external.check_external_sets(external.external_sets(cfg.data))
     if cfg.eval.get("latency_repeats") is not None:
         log.warning(
             "eval.latency_repeats is deprecated and ignored: latency is measured with "
@@ -462,6 +464,14 @@ def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -
     return written
 
 
+def score_external_sets(ctx: Context, results: Mapping[str, Any]) -> dict[str, dict]:
+    """The deployed model and the teacher on every set of ``data.external`` (inference only)."""
+    exports, root = results["run"]["exports"], ctx.run_dir.layout.root
+    scored = [results["deployed"], *(["teacher"] if "teacher" in exports else [])]
+    folders = {name: root / exports[name] for name in dict.fromkeys(scored)}
+    return external.score_external(folders, external.external_sets(ctx.cfg.data), root)
+
+
 def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None) -> dict:
     cfg = ctx.cfg
     return {
@@ -562,6 +572,8 @@ def execute(ctx: Context, command: str) -> dict[str, Any]:
     }
     layout = run_dir.layout
     results["run"]["exports"] = write_exports(ctx, named_models(students, teacher), results)
+    if cfg.eval.get("external", True):
+        results["external"] = score_external_sets(ctx, results)
     csvs = {s: layout.metrics_csv(s) for s in runs.STAGES if layout.metrics_csv(s).is_file()}
     dm = ctx.datamodule
     files = dm.split("test").names

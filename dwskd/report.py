@@ -174,6 +174,36 @@ def _resume_lines(resumes: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _interval_cell(score: Mapping[str, Any], metric: str) -> str:
+    interval = score.get("intervals", {}).get(metric)
+    value = _fmt(score["metrics"].get(metric), 3)
+    return f"{value} [{interval['low']:.3f}, {interval['high']:.3f}]" if interval else value
+
+
+def _external_lines(external: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One table per external set: how each scored model does outside its source."""
+    lines: list[str] = []
+    for set_name, scores in external.items():
+        lines += [
+            f"## External test set: {set_name}",
+            "",
+            "| model | n | AUROC [95% CI] | balanced acc [95% CI] | sensitivity | specificity "
+            "| ECE | report |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for model, score in scores.items():
+            m = score["metrics"]
+            lines.append(
+                f"| {model} | {score['n_images']} | {_interval_cell(score, 'auroc')} "
+                f"| {_interval_cell(score, 'balanced_acc')} | {_fmt(m.get('sensitivity'), 3)} "
+                f"| {_fmt(m.get('specificity'), 3)} | {_fmt(m.get('ece'), 3)} "
+                f"| [{score['report']}]({score['report']}) |"
+            )
+        positive = next(iter(scores.values()), {}).get("positive_class")
+        lines += ["", f"Positive class: **{positive}**." if positive else "", ""]
+    return lines
+
+
 def write_report_md(layout: RunLayout, results: dict) -> Path:
     """Human-readable summary of a run; plots are linked when they exist in ``plots/``."""
     run, models = results.get("run", {}), results.get("models", {})
@@ -213,6 +243,7 @@ def write_report_md(layout: RunLayout, results: dict) -> Path:
     if deployed in models:
         lines += [f"## Per-class results ({deployed}, test)", ""]
         lines += [*_per_class_table(models[deployed].get("test", {})), ""]
+    lines += _external_lines(results.get("external") or {})
     lines += ["## Data", "", *_bullets(results.get("data", {})), ""]
     links = _plot_links(layout, _ordered_models(models))
     if links:

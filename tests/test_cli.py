@@ -69,6 +69,13 @@ def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Pat
     n_classes = {"chest_xray": 2, "lung_ct": 2, "brain_mri": 4, "pneumoniamnist": 2}[data]
     assert len(test["confmat"]) == n_classes
     assert sum(map(sum, test["confmat"])) > 0
+    expected_sets = {"chest_xray": "nih_cxr", "lung_ct": "sarscov2_ct", "brain_mri": "lgg_tcga_t1c"}
+    if data in expected_sets:  # scored outside the source: every image of the set, both classes
+        score = results["external"][expected_sets[data]]["student_a"]
+        assert score["n_images"] == sum(score["class_counts"].values()) > 100
+        assert sum(map(sum, score["confusion"])) == score["n_images"]
+        assert score["intervals"]["auroc"]["low"] <= score["metrics"]["auroc"]
+        assert (tmp_path / score["report"]).is_file()
 
 
 def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ limiting class sizes, augmenting, balancing and describing the data live here on
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,6 +164,7 @@ class BaseDataModule(pl.LightningDataModule):
         hflip: float = 0.5,
         limit_per_class: int | None = None,
         positive_class: str | None = None,
+        external: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         require_choice("channels", channels, (1, 3))
@@ -177,6 +178,8 @@ class BaseDataModule(pl.LightningDataModule):
         self.std = per_channel(std, self.channels, "std")
         self.limit_per_class = limit_per_class
         self.positive_class = positive_class
+        # External test sets (dwskd.external scores them after training; never loaded here).
+        self.external = dict(external or {})
         self.class_names: list[str] = []
         self._splits: dict[str, SplitData] | None = None
         self._val_from_train = False
