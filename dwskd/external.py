@@ -31,7 +31,8 @@ def external_sets(data: DictConfig) -> dict[str, dict[str, Any]]:
     Null is also how a config that inherits a parent's set drops it (brain_mri_tumour_type has
     no notumor class, so brain_mri's glioma-vs-notumor set cannot score it).
     """
-    sets = OmegaConf.to_container(data.get("external") or {}, resolve=True)
+    given = data.get("external")
+    sets = OmegaConf.to_container(given, resolve=True) if given else {}
     return {name: spec for name, spec in sets.items() if spec is not None}
 
 

@@ -99,12 +99,17 @@ def val_curve(results: Mapping, model: str) -> tuple[float, ...]:
     return tuple(curve)
 
 
-def collect_rows(root: Path, archived: Sequence[Path] = ()) -> list[Row]:
-    """Rows of every finished run under ``root``, plus archived copies of runs not there."""
+def run_paths(root: Path, archived: Sequence[Path] = ()) -> list[Path]:
+    """Every finished run under ``root``, plus archived copies of runs not there, in order."""
     runs: dict[tuple[str, ...], Path] = {}
     for base in (*reversed(archived), root):  # later bases win: the live run over its copy
         runs.update({path.parts[-4:]: path for path in find_runs(base)})
-    return [row for key in sorted(runs) for row in rows_of_run(runs[key])]
+    return [runs[key] for key in sorted(runs)]
+
+
+def collect_rows(root: Path, archived: Sequence[Path] = ()) -> list[Row]:
+    """Rows of every finished run under ``root``, plus archived copies of runs not there."""
+    return [row for path in run_paths(root, archived) for row in rows_of_run(path)]
 
 
 # ------------------------------------------------------------------------- statistics
@@ -369,6 +374,7 @@ def markdown(
     meta: Mapping | None,
     root: Path,
     plot: str | None,
+    external: Sequence[str] = (),
 ) -> str:
     lines = ["# dwskd vs baselines: test metrics, mean ± std over seeds", ""]
     lines += header_lines(meta, root)
@@ -384,6 +390,7 @@ def markdown(
     for scenario in scenarios_of(records):
         lines += ["", f"**{SCENARIO_TITLES.get(scenario, scenario)}**", ""]
         lines += summary_table(records, scenario)
+    lines += ["", *external] if external else []
     if converged:
         lines += ["", CONVERGENCE_TEXT]
         for scenario in scenarios_of(converged):
@@ -474,6 +481,8 @@ def write_results(
     """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` from every run under ``root``
     and, for runs not there, their archived copies (``experiments.paper.Archive``)."""
     root, results_dir = Path(root), Path(results_dir)
+    from experiments import external_table  # it builds on this module's statistics
+
     rows = collect_rows(root, archived)
     records = summarise(rows)
     if not records:
@@ -486,7 +495,11 @@ def write_results(
     accuracy_figure(records).savefig(paths[2], dpi=120)
     write_csv(records, paths[1])
     write_runs_csv(rows, paths[3])
-    paths[0].write_text(markdown(records, convergence(rows), meta, root, paths[2].name))
+    outside = external_table.collect(run_paths(root, archived))
+    if outside:
+        paths.append(external_table.write_csv(outside, results_dir / f"{name}_external.csv"))
+    section = external_table.markdown_section(outside)
+    paths[0].write_text(markdown(records, convergence(rows), meta, root, paths[2].name, section))
     return paths
 
 

@@ -1,0 +1,105 @@
+"""External test sets: config checks, and the sweep table built from runs' external scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dwskd import external
+from experiments import aggregate, external_table
+from tests.conftest import compose_config
+
+
+def test_data_configs_name_their_external_sets_and_a_null_drops_an_inherited_one() -> None:
+    brain = compose_config("data=brain_mri", tiny=False)
+    sets = external.external_sets(brain.data)
+    assert list(sets) == ["lgg_tcga_t1c"]
+    assert sets["lgg_tcga_t1c"]["positive_class"] == "glioma"
+    assert sets["lgg_tcga_t1c"]["class_map"]["glioma"] == ["glioma", "meningioma", "pituitary"]
+    tumour_type = compose_config("data=brain_mri_tumour_type", tiny=False)
+    assert external.external_sets(tumour_type.data) == {}  # no notumor class to score
+    assert external.external_sets(compose_config("data=synthetic").data) == {}
+    chest = compose_config("data=chest_xray", tiny=False)
+    assert external.external_sets(chest.data)["nih_cxr"]["class_map"]["abnormal"] == "PNEUMONIA"
+
+
+def test_a_missing_external_folder_is_refused_before_training_naming_the_option(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data\.external\.other\.root=.*does not exist"):
+        external.check_external_sets({"other": {"root": str(tmp_path / "absent")}})
+    with pytest.raises(ValueError, match=r"data\.external\.other has no root"):
+        external.check_external_sets({"other": {"class_map": None}})
+    external.check_external_sets({"here": {"root": str(tmp_path)}})  # exists: accepted
+
+
+def test_evaluation_options_are_dwskd_evals_own_config(tmp_path: Path) -> None:
+    spec = {"root": "/x", "class_map": {"a": ["b", "c"]}, "positive_class": "a"}
+    options = external.evaluation_options(tmp_path / "model", spec, tmp_path / "out")
+    assert options.model == str(tmp_path / "model") and options.data.root == "/x"
+    assert OmegaConf.to_container(options.class_map) == {"a": ["b", "c"]}
+    assert options.bootstrap.resamples == 1000 and options.progress is False
+    assert "hydra" not in options
+
+
+def score(confusion: list[list[int]], auroc: float, low: float, high: float) -> dict:
+    """An external score as dwskd.external.summarise writes it (classes glioma, notumor)."""
+    return {
+        "n_images": sum(map(sum, confusion)),
+        "classes": ["glioma", "notumor"],
+        "positive_class": "glioma",
+        "metrics": {"auroc": auroc, "balanced_acc": 0.5, "sensitivity": 0.9, "specificity": 0.1},
+        "intervals": {"auroc": {"value": auroc, "low": low, "high": high}},
+        "confusion": confusion,
+    }
+
+
+def write_run(root: Path, method: str, seed: int, acc: float, outside: dict | None) -> None:
+    results = {
+        "run": {"wall_time_s": 1.0},
+        "deployed": "student_a",
+        "models": {"student_a": {"test": {"acc": acc, "auroc": acc}}},
+    }
+    if outside is not None:
+        results["external"] = {"lgg": {"student_a": outside, "teacher": outside}}
+    path = root / "pretrained" / "brain" / method / f"s{seed}" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+
+
+def test_external_table_counts_errors_ranks_and_compares_with_scratch(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # scratch: best at home, worst outside; ws: calls 9 of 10 tumour-free slices tumour.
+    for seed, auroc in ((1, 0.40), (2, 0.42)):
+        write_run(runs, "scratch", seed, 0.9, score([[8, 2], [5, 5]], auroc, auroc - 0.05, 0.5))
+    for seed, auroc in ((1, 0.70), (2, 0.74)):
+        write_run(runs, "ws", seed, 0.7, score([[10, 0], [9, 1]], auroc, 0.6, auroc + 0.05))
+        write_run(runs, "dwskd", seed, 0.8, score([[9, 1], [2, 8]], 0.6, 0.5, 0.7))
+    write_run(runs, "kd", 1, 0.5, None)  # made before external scoring: no external row
+    rows = external_table.collect(aggregate.run_paths(runs))
+    assert {r.method for r in rows} == {"scratch", "ws", "dwskd"} and len(rows) == 6
+    counts = external_table.error_counts(score([[10, 0], [9, 1]], 0.7, 0.6, 0.8))
+    assert counts == {"false_pos": 9, "negatives": 10, "false_neg": 0, "positives": 10}
+    records = external_table.summarise(rows)
+    ws = next(r for r in records if r["method"] == "ws")
+    assert ws["auroc_mean"] == pytest.approx(0.72) and ws["false_pos_mean"] == 9
+    notes = external_table.rank_notes(records)
+    assert notes == ["scratch ranks 1 of 3 in-source and 3 of 3 outside."]
+    said = external_table.against_scratch(records)
+    assert said[0] == "ws vs scratch outside: +0.310 external AUROC (more than one std)."
+    text = "\n".join(external_table.markdown_section(rows))
+    assert "| ws | 2 | 70.0 ± 0.0 | 0.700 ± 0.000 | 0.720 ± 0.028 | [0.60, 0.75]; [0.60, 0.79] |" in text
+    assert "| 9 / 10 | 0 / 10 |" in text  # negatives called positive, positives called negative
+
+
+def test_paper_results_get_an_external_table_and_csv(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "ws", 1, 0.7, score([[10, 0], [9, 1]], 0.7, 0.6, 0.8))
+    paths = aggregate.write_results(runs, tmp_path / "out", "t")
+    assert (tmp_path / "out" / "t_external.csv") in paths
+    assert "### brain on `lgg`" in paths[0].read_text()
+    line = (tmp_path / "out" / "t_external.csv").read_text().splitlines()[1]
+    assert line.startswith("pretrained,brain,ws,1,lgg,student_a,glioma,0.7,")
