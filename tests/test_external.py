@@ -91,7 +91,10 @@ def test_external_table_counts_errors_ranks_and_compares_with_scratch(tmp_path: 
     said = external_table.against_scratch(records)
     assert said[0] == "ws vs scratch outside: +0.310 external AUROC (more than one std)."
     text = "\n".join(external_table.markdown_section(rows))
-    assert "| ws | 2 | 70.0 ± 0.0 | 0.700 ± 0.000 | 0.720 ± 0.028 | [0.60, 0.75]; [0.60, 0.79] |" in text
+    assert (
+        "| ws | 2 | 70.0 ± 0.0 | 0.700 ± 0.000 | 0.720 ± 0.028 | [0.60, 0.75]; [0.60, 0.79] |"
+        in text
+    )
     assert "| 9 / 10 | 0 / 10 |" in text  # negatives called positive, positives called negative
 
 
@@ -103,3 +106,57 @@ def test_paper_results_get_an_external_table_and_csv(tmp_path: Path) -> None:
     assert "### brain on `lgg`" in paths[0].read_text()
     line = (tmp_path / "out" / "t_external.csv").read_text().splitlines()[1]
     assert line.startswith("pretrained,brain,ws,1,lgg,student_a,glioma,0.7,")
+
+
+# --------------------------------------------------------------------- evidence studies
+def test_scarcity_keeps_the_full_runs_steps_up_to_the_cap_and_shares_the_table() -> None:
+    from experiments import evidence, paper
+
+    f5, f20, f50, f100 = evidence.variants("scarcity", ["100", "5", "50", "20"])
+    assert [v.x for v in (f5, f20, f50, f100)] == [0.05, 0.2, 0.5, 1.0]
+    assert (f20.budget.student_epochs, f20.budget.finetune_epochs) == (20, 5)
+    assert f20.budget.transfer_epochs == 10  # the teacher's adaptation gets equal steps too
+    assert f5.budget.student_epochs == evidence.EPOCH_CAP  # 80 would exceed the cap
+    assert f50.extra == ("data.train_fraction=0.5",) and f100.extra == ()
+    assert f100.shared() and f100.budget == paper.FULL and not f50.shared()
+    e4, e16, e32 = evidence.variants("budget", ["4", "16", "32"])
+    assert [(v.budget.student_epochs, v.budget.finetune_epochs) for v in (e4, e16, e32)] == [
+        (4, 1), (16, 4), (32, 8),
+    ]  # fmt: skip
+    assert e4.shared() and not e16.shared()
+    robust = evidence.variants("robustness", ["robust"])[0]
+    assert robust.extra == ("data.augment=robust",) and robust.budget == paper.FULL
+
+
+def test_study_gain_is_paired_with_scratch_of_the_same_seed() -> None:
+    from experiments import evidence
+
+    lines = [
+        {"dataset": "d", "x": 0.2, "variant": "f20", "method": m, "seed": s, "acc": acc,
+         "external_auroc": None}
+        for m, s, acc in (("scratch", 1, 0.5), ("scratch", 2, 0.7), ("ws", 1, 0.6), ("ws", 2, 0.8))
+    ]  # fmt: skip
+    ws = next(r for r in evidence.summarise(lines) if r["method"] == "ws")
+    assert ws["gain_mean"] == pytest.approx(0.1) and ws["gain_std"] == pytest.approx(0.0)
+    assert ws["acc_std"] == pytest.approx(0.1414, abs=1e-4)  # the spread the pairing removes
+
+
+def test_study_results_table_and_plot_from_runs(tmp_path: Path) -> None:
+    from experiments import evidence, paper
+
+    plan = []
+    for variant in evidence.variants("scarcity", ["20", "100"]):
+        out = tmp_path / variant.label
+        for seed in (1, 2):
+            write_run(out, "scratch", seed, 0.5, score([[8, 2], [5, 5]], 0.6, 0.5, 0.7))
+            write_run(out, "ws", seed, 0.6 + 0.1 * seed, None)
+        settings = paper.Settings(
+            variant.label, ("brain",), evidence.METHODS, (1, 2), ("pretrained",),
+            variant.budget, "cpu", out, {},
+        )  # fmt: skip
+        plan.append((variant, settings))
+    paths = evidence.write_results("scarcity", plan, tmp_path / "results", "cmd")
+    text = paths[0].read_text()
+    assert "| brain | f20 | ws | 2 | 75.0 ± 7.1 | 25.0 ± 7.1 | – |" in text
+    assert "| brain | f100 | scratch | 2 | 50.0 ± 0.0 | – | 0.600 ± 0.000 |" in text
+    assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000

@@ -1,0 +1,336 @@
+"""Evidence beyond the in-source table: scarce labels, longer training, robustness levers.
+
+    python -m experiments.evidence scarcity     # {5,20,50,100} % of train: 3 tasks, 3 seeds
+    python -m experiments.evidence budget       # {4,16,32} student epochs: 2 tasks, 3 seeds
+    python -m experiments.evidence robustness   # augment=robust / standardize: 4 tasks, 3 seeds
+    python -m experiments.evidence scarcity --dry-run     # what is still to run
+    python -m experiments.evidence budget --aggregate-only
+
+Every study is a set of *variants* of the paper's pretrained scenario (the paper's teacher,
+adapted to the task, then scratch, ws and dwskd), each one an ``experiments.paper`` sweep with
+its own name, budget and data overrides, run and archived the same way (resumable; finished
+jobs are skipped). The variant equal to the table (100 %, 4 epochs, default data) *is* the
+paper's pretrained sweep ``paper_pretrained``: its runs are shared, not repeated.
+
+Budget rules, one per study, the same for every method:
+
+* scarcity - a stratified, seeded, nested subset of the train split (``data.train_fraction``;
+  val and test unchanged), trained for the optimiser steps of the full-data run, capped at
+  :data:`EPOCH_CAP` epochs: epochs = min(cap, round(E / f)) for the students and the teacher's
+  adaptation alike (a 5 % run given 4 epochs would barely train).
+* budget - E student epochs; dml/dwskd split them as the table does (a quarter fine-tuning).
+* robustness - the table's budget; only the data options change.
+
+Runs score their external sets themselves, so each study reports in-source test accuracy and
+external AUROC side by side (``experiments/results/<study>.{md,csv,png}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dwskd.machine import now_iso
+from experiments import aggregate, external_table, paper
+from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress
+
+log = logging.getLogger("experiments.evidence")
+
+SHARED = "paper_pretrained"  # the pretrained scenario of the table, at one commit
+METHODS = ("scratch", "ws", "dwskd")
+EPOCH_CAP = 50
+STUDY_DATASETS = {
+    "scarcity": ("brain_mri_tumour_type", "chest_xray", "lung_ct"),
+    "budget": ("brain_mri_tumour_type", "lung_ct"),
+    "robustness": paper.DATASETS,
+}
+X_TITLES = {"scarcity": "train fraction", "budget": "student epochs", "robustness": "data"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a study: its x value, budget and data overrides."""
+
+    label: str  # run-dir name part: f5, e16, robust
+    x: float | str
+    budget: paper.Budget
+    extra: tuple[str, ...] = ()
+
+    def shared(self) -> bool:
+        """The table's own setting: its runs are the paper's pretrained sweep."""
+        return self.budget == paper.FULL and not self.extra
+
+
+def finetune_share(student_epochs: int, full: paper.Budget = paper.FULL) -> int:
+    """dml/dwskd's fine-tune epochs: the table's share of the budget (1 of 4), at least 1."""
+    share = full.finetune_epochs / full.student_epochs
+    return min(student_epochs - 1, max(1, round(student_epochs * share)))
+
+
+def equal_steps(fraction: float, full: paper.Budget = paper.FULL) -> paper.Budget:
+    """The full-data run's optimiser steps on ``fraction`` of the data, capped at EPOCH_CAP."""
+    student = min(EPOCH_CAP, round(full.student_epochs / fraction))
+    return replace(
+        full,
+        student_epochs=student,
+        finetune_epochs=finetune_share(student, full),
+        transfer_epochs=min(EPOCH_CAP, round(full.transfer_epochs / fraction)),
+    )
+
+
+def variants(study: str, values: Sequence[str]) -> list[Variant]:
+    """The study's variants, in x order."""
+    if study == "scarcity":
+        fractions = sorted(float(v) / 100 for v in values)
+        return [
+            Variant(f"f{round(100 * f)}", f, equal_steps(f) if f < 1 else paper.FULL,
+                    (f"data.train_fraction={f}",) if f < 1 else ())
+            for f in fractions
+        ]  # fmt: skip
+    if study == "budget":
+        epochs = sorted(int(v) for v in values)
+        budgets = [
+            replace(paper.FULL, student_epochs=e, finetune_epochs=finetune_share(e)) for e in epochs
+        ]
+        return [Variant(f"e{e}", e, b) for e, b in zip(epochs, budgets, strict=True)]
+    return [Variant(name, name, paper.FULL, ROBUSTNESS_LEVERS[name]) for name in values]
+
+
+ROBUSTNESS_LEVERS = {
+    "default": (),
+    "robust": ("data.augment=robust",),
+    "standardize": ("data.standardize=true",),
+    "robust_standardize": ("data.augment=robust", "data.standardize=true"),
+}
+DEFAULT_VALUES = {
+    "scarcity": ("5", "20", "50", "100"),
+    "budget": ("4", "16", "32"),
+    "robustness": tuple(ROBUSTNESS_LEVERS),
+}
+
+
+def settings_of(study: str, variant: Variant, args: argparse.Namespace) -> paper.Settings:
+    """The paper sweep behind one variant (the shared one is named ``paper_pretrained``)."""
+    name = SHARED if variant.shared() else f"{study}_{variant.label}"
+    return paper.Settings(
+        name=name,
+        datasets=tuple(args.datasets or STUDY_DATASETS[study]),
+        methods=METHODS,
+        seeds=tuple(args.seeds),
+        scenarios=("pretrained",),
+        budget=variant.budget,
+        device=args.device,
+        out=(REPO / "outputs" / name).resolve(),
+        transfer_source=paper.TRANSFER_SOURCE,
+        pretrained_teacher=paper.pretrained_file(args.pretrained_teacher),
+        archive=(args.results_dir / "runs" / name).resolve(),
+        extra=variant.extra,
+    )
+
+
+# ------------------------------------------------------------------------- results
+def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[dict]:
+    """Per run: the deployed model's test accuracy, external AUROC and validation curve."""
+    lines = []
+    for variant, settings in plan:
+        archived = [a.root for a in settings.archives()]
+        paths = aggregate.run_paths(settings.out, archived)
+        outside = {(r.dataset, r.method, r.seed): r for r in external_table.collect(paths)}
+        for row in aggregate.collect_rows(settings.out, archived):
+            keep = row.dataset in settings.datasets and row.method in METHODS
+            if not keep or row.model != "deployed" or row.seed not in settings.seeds:
+                continue
+            ext = outside.get((row.dataset, row.method, row.seed))
+            lines.append({
+                "study": study, "variant": variant.label, "x": variant.x,
+                "dataset": row.dataset, "method": row.method, "seed": row.seed,
+                "acc": row.values["acc"], "val_acc": row.values["val_acc"],
+                "external_set": ext.set_name if ext else "",
+                "external_auroc": ext.values["auroc"] if ext else None,
+                "curve": row.curve,
+            })  # fmt: skip
+    return lines
+
+
+def summarise(lines: Sequence[dict]) -> list[dict]:
+    """Mean ± std over seeds per (dataset, variant, method), and the gain over scratch of the
+    same seed (paired), so that seed-to-seed swings common to both do not hide it."""
+    scratch = {
+        (r["dataset"], r["variant"], r["seed"]): r["acc"] for r in lines if r["method"] == "scratch"
+    }
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in lines:
+        groups[r["dataset"], r["x"], r["variant"], r["method"]].append(r)
+    records = []
+    for (dataset, x, label, method), members in groups.items():
+        gains = [r["acc"] - scratch[dataset, label, r["seed"]] for r in members
+                 if (dataset, label, r["seed"]) in scratch]  # fmt: skip
+        record = {"dataset": dataset, "x": x, "variant": label, "method": method, "n": len(members)}
+        for key, values in (
+            ("acc", [r["acc"] for r in members]),
+            ("external_auroc", [r["external_auroc"] for r in members]),
+            ("gain", gains if method != "scratch" else []),
+        ):
+            record[f"{key}_mean"], record[f"{key}_std"], _ = aggregate.mean_std(values)
+        records.append(record)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(records, key=lambda r: (r["dataset"], str(r["variant"]), order[r["method"]]))
+
+
+def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Sequence[str]) -> str:
+    lines = [
+        f"# Study: {study} (pretrained scenario; scratch, ws, dwskd)",
+        "",
+        f"- aggregated: {now_iso()}; command: `{command}`",
+        *(f"- variant {v.label}: sweep `{s.name}`, student epochs {v.budget.student_epochs} "
+          f"(fine-tune {v.budget.finetune_epochs}), teacher adaptation {v.budget.transfer_epochs}, "
+          f"overrides `{' '.join(v.extra) or 'none'}`" for v, s in plan),
+        "",
+        "Deployed model per run; mean ± std over seeds (n); gain = accuracy minus scratch's on "
+        "the same seed, in points. External AUROC: the run's own external set (none for "
+        "brain_mri_tumour_type: no external set holds several tumour types).",
+        "",
+        *(f"![{study}]({p})" for p in plots),
+        "",
+        f"| dataset | {X_TITLES[study]} | method | n | test acc (%) | gain over scratch (points) "
+        "| external AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in records:
+        lines.append(
+            f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['n']} "
+            f"| {aggregate.plain(r['acc_mean'], r['acc_std'], 100)} "
+            f"| {aggregate.plain(r['gain_mean'], r['gain_std'], 100)} "
+            f"| {aggregate.plain(r['external_auroc_mean'], r['external_auroc_std'], 1, 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def figure(study: str, records: Sequence[dict]) -> Figure:
+    """Test accuracy (top) and external AUROC (bottom) against the variant, per dataset."""
+    datasets = sorted({r["dataset"] for r in records})
+    fig = Figure(figsize=(4.5 * len(datasets), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(datasets), squeeze=False)
+    xs = list(dict.fromkeys(r["x"] for r in sorted(records, key=lambda r: str(r["x"]))))
+    numeric = all(isinstance(x, int | float) for x in xs)
+    for col, dataset in enumerate(datasets):
+        for row, (key, title) in enumerate(
+            (("acc", "test accuracy"), ("external_auroc", "external AUROC"))
+        ):
+            ax = axes[row][col]
+            for method in METHODS:
+                own = sorted((r for r in records if r["dataset"] == dataset and r["method"] == method),
+                             key=lambda r: xs.index(r["x"]))  # fmt: skip
+                points = [(r["x"] if numeric else xs.index(r["x"]), r[f"{key}_mean"],
+                           np.nan_to_num(r[f"{key}_std"])) for r in own]  # fmt: skip
+                if points:
+                    x, y, err = zip(*points, strict=True)
+                    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            if numeric and study == "scarcity":
+                ax.set_xscale("log")
+            if not numeric:
+                ax.set_xticks(range(len(xs)), xs, rotation=20)
+            ax.set_title(f"{dataset}: {title}", fontsize=9)
+            ax.set_xlabel(X_TITLES[study])
+            ax.legend(fontsize=7)
+    return fig
+
+
+def curves_figure(lines: Sequence[dict], label: str) -> Figure:
+    """Per-epoch validation accuracy of the deployed students at one variant, mean over seeds."""
+    own = [r for r in lines if r["variant"] == label and r["curve"]]
+    datasets = sorted({r["dataset"] for r in own})
+    fig = Figure(figsize=(5 * max(len(datasets), 1), 3.5), layout="constrained")
+    for ax, dataset in zip(
+        fig.subplots(1, max(len(datasets), 1), squeeze=False)[0], datasets, strict=False
+    ):
+        for method in METHODS:
+            curves = [r["curve"] for r in own if r["dataset"] == dataset and r["method"] == method]
+            if curves:
+                length = min(map(len, curves))
+                mean = np.mean([c[:length] for c in curves], axis=0)
+                ax.plot(range(1, length + 1), mean, label=f"{method} (n={len(curves)})")
+        ax.set_title(f"{dataset}: validation accuracy per epoch ({label})", fontsize=9)
+        ax.set_xlabel("epoch (dwskd: joint, then fine-tune)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def write_results(study: str, plan, results_dir: Path, command: str) -> list[Path]:
+    lines = collect(study, plan)
+    if not lines:
+        raise SystemExit(f"No finished runs for the {study} study yet: run it first.")
+    records = summarise(lines)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plots = [results_dir / f"{study}.png"]
+    figure(study, records).savefig(plots[0], dpi=110)
+    if study == "budget":
+        plots.append(results_dir / f"{study}_curves.png")
+        curves_figure(lines, plan[-1][0].label).savefig(plots[1], dpi=110)
+    md = results_dir / f"{study}.md"
+    md.write_text(markdown(study, records, plan, command, [p.name for p in plots]))
+    table = results_dir / f"{study}.csv"
+    with table.open("w", newline="") as stream:
+        fields = [k for k in lines[0] if k != "curve"]
+        writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(lines)
+    return [md, table, *plots]
+
+
+# ------------------------------------------------------------------------------ the CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("study", choices=tuple(STUDY_DATASETS))
+    p.add_argument(
+        "--values", nargs="+", help="scarcity: percents; budget: epochs; robustness: levers"
+    )
+    p.add_argument("--datasets", nargs="+")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--pretrained-teacher", type=Path)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs still to run")
+    p.add_argument("--aggregate-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    show_progress(log)
+    set_offline_env()
+    args = parse_args(argv)
+    values = args.values or DEFAULT_VALUES[args.study]
+    unknown = [v for v in values if args.study == "robustness" and v not in ROBUSTNESS_LEVERS]
+    if unknown:
+        raise SystemExit(f"--values {unknown}: the robustness levers are {list(ROBUSTNESS_LEVERS)}")
+    plan = [(v, settings_of(args.study, v, args)) for v in variants(args.study, values)]
+    command = invocation("experiments.evidence", None if argv is None else list(argv))
+    failed: list[paper.Job] = []
+    for variant, settings in plan:
+        jobs = paper.plan_jobs(settings)
+        if args.dry_run:
+            print(f"# variant {variant.label} ({settings.name})")
+            print(paper.plan_listing(jobs, settings.archives()))
+        elif not args.aggregate_only:
+            paper.record_invocation(settings, command)
+            failed += paper.run_jobs(jobs, paper.RUNNERS[args.launcher], settings.archives())
+            for archive in settings.archives():
+                archive.store_all()
+    if args.dry_run:
+        return 0
+    written = write_results(args.study, plan, args.results_dir, command)
+    return paper.finish(written, failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
