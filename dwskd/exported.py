@@ -6,7 +6,9 @@ channels, mean/std, interpolation and label names the model was trained with, pl
 ``dwskd`` block (run, command, data, metrics). ``timm.create_model("local-dir:<folder>",
 pretrained=True)`` rebuilds the model with its weights; ``timm.data.resolve_data_config``
 then gives its preprocessing. dwskd's own preprocessing (:func:`preprocessing_of`) resizes
-with area averaging and squashes to a square, which timm names ``box`` / ``squash``.
+with area averaging and squashes to a square, which timm names ``box`` / ``squash``; a model
+trained with ``data.standardize=true`` has ``"standardize": true`` in config.json: each image
+then goes to zero mean / unit std over its own pixels instead of the recorded mean/std.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     label_names: tuple[str, ...]
+    # Each image to zero mean / unit std over its own pixels instead of ``mean``/``std``
+    # (``data.standardize``); config.json's top-level ``standardize``, absent in older exports.
+    standardize: bool = False
 
     def data_config(self) -> dict[str, Any]:
         """timm's data config for it (``resolve_data_config`` returns these values)."""
@@ -70,6 +75,7 @@ def write_model_folder(
     try:
         model_config = {
             "label_names": list(preprocessing.label_names),
+            "standardize": preprocessing.standardize,
             "dwskd": dict(provenance),
         }
         save_for_hf(
@@ -140,6 +146,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+DAMAGED = (
+    "the file is truncated or damaged. Copy the model folder again from the run it came from "
+    "(<run dir>/exports/<model>/)."
+)
+
+
 def read_config(folder: Path, option: str = "model") -> dict[str, Any]:
     """The folder's config.json; a clear error when the folder is not a model folder."""
     path = Path(folder) / CONFIG_FILE
@@ -148,7 +160,13 @@ def read_config(folder: Path, option: str = "model") -> dict[str, Any]:
             f"{option}={folder} is not a model folder (no {CONFIG_FILE} + {WEIGHTS_FILE}). Give "
             "a finished run dir or one of its exports/<model>/ folders."
         )
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path} is not valid JSON ({err}): {DAMAGED}") from err
+    if not isinstance(config, dict):
+        raise ExportError(f"{path} holds a JSON {type(config).__name__}, not a config: {DAMAGED}")
+    return config
 
 
 def preprocessing_of(config: Mapping[str, Any]) -> Preprocessing:
@@ -165,6 +183,7 @@ def preprocessing_of(config: Mapping[str, Any]) -> Preprocessing:
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         label_names=tuple(config.get("label_names") or cfg.get("label_names") or ()),
+        standardize=bool(config.get("standardize", False)),
     )
 
 
@@ -173,8 +192,78 @@ def load_model_folder(folder: Path, option: str = "model") -> tuple[Any, dict[st
     import timm
 
     config = read_config(folder, option)
+    check_config_matches_weights(Path(folder), config)
     model = timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True)
     return model.eval(), config
+
+
+def check_config_matches_weights(folder: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a config.json whose class or channel counts differ from the weights beside it.
+
+    Why: timm builds the model from config.json and, when the head's size differs from the
+    weights', silently starts from a random head: a mixed-up folder would load, exit 0 and
+    predict garbage (and extra label_names give CSV headers without values).
+    """
+    weights = folder / WEIGHTS_FILE
+    shapes = weight_shapes(weights)
+    cfg = config.get("pretrained_cfg") or {}
+    found = {
+        "output classes": _weight_dim(shapes, cfg.get("classifier"), axis=0, ndim=2),
+        "input channels": _weight_dim(shapes, cfg.get("first_conv"), axis=1, ndim=4),
+    }
+    for what, claim, value in declared_sizes(config):
+        if found[what] is None or value == found[what][0]:
+            continue
+        actual, key, shape = found[what]
+        raise ExportError(
+            f"{folder / CONFIG_FILE} does not match its weights: it says {claim}, but "
+            f"{weights} has {actual} {what} ({key} of shape {shape}). config.json and "
+            f"{WEIGHTS_FILE} must come from the same export: copy the model folder again from "
+            f"its run (<run dir>/exports/<model>/), or correct config.json to {actual} {what}."
+        )
+
+
+def weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from the safetensors header only; a damaged file is named."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as err:
+        raise ExportError(f"{path} is not a readable safetensors file ({err}): {DAMAGED}") from err
+
+
+def declared_sizes(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """(what, as config.json says it, value) for every class and channel count it records."""
+    args, cfg = config.get("model_args") or {}, config.get("pretrained_cfg") or {}
+    fields = [
+        ("output classes", "num_classes", config.get("num_classes")),
+        ("output classes", "model_args.num_classes", args.get("num_classes")),
+        ("output classes", "pretrained_cfg.num_classes", cfg.get("num_classes")),
+        ("input channels", "model_args.in_chans", args.get("in_chans")),
+        ("input channels", "pretrained_cfg.input_size[0]", (cfg.get("input_size") or [None])[0]),
+    ]
+    sizes = [(what, f"{field}={v}", int(v)) for what, field, v in fields if v is not None]
+    for field, owner in (("label_names", config), ("pretrained_cfg.label_names", cfg)):
+        if owner.get("label_names"):
+            count = len(owner["label_names"])
+            sizes.append(("output classes", f"{count} {field}", count))
+    return sizes
+
+
+def _weight_dim(
+    shapes: Mapping[str, list[int]], modules: Any, axis: int, ndim: int
+) -> tuple[int, str, list[int]] | None:
+    """(size, key, shape) of the first ``<module>.weight`` of rank ``ndim``; None if absent.
+
+    ``modules``: timm's ``classifier`` / ``first_conv`` name, or a list of them.
+    """
+    for name in [modules] if isinstance(modules, str) else list(modules or []):
+        shape = shapes.get(f"{name}.weight")
+        if shape is not None and len(shape) == ndim:
+            return shape[axis], f"{name}.weight", shape
+    return None
 
 
 def label_names(config: Mapping[str, Any]) -> Sequence[str]:

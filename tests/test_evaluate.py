@@ -269,5 +269,12 @@ def test_positive_class_defaults_to_the_runs_own() -> None:
     assert positive_index(task, chosen) == 0
     assert positive_source(None, chosen, 0) == "the run's data.positive_class"
     assert positive_index(task, chosen_positive("NonCOVID", loaded, task)) == 1
-    other = Task(("healthy", "lesion"), ((0,), (1, 2)), ("COVID", "NonCOVID", "x"))
-    assert positive_index(other, chosen_positive(None, loaded, other)) == 1  # run's not scored
+    labels = ("COVID", "NonCOVID", "x")
+    subset = Task(("NonCOVID", "x"), ((1,), (2,)), labels)
+    assert positive_index(subset, chosen_positive(None, loaded, subset)) == 1  # run's not scored
+    mapped = Task(("healthy", "lesion"), ((0,), (1, 2)), labels)
+    chosen = chosen_positive(None, loaded, mapped)
+    assert chosen == "healthy"  # the class the run's COVID counts for, through the class map
+    assert positive_source(None, chosen, 0, "COVID") == (
+        "the run's data.positive_class 'COVID', through class_map"
+    )
