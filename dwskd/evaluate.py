@@ -78,6 +78,21 @@ class Task:
         return [c for i, c in enumerate(self.model_labels) if i not in used]
 
     @property
+    def renamed(self) -> bool:
+        """Whether some scored class is not just the model class of the same name."""
+        return any(
+            [self.model_labels[i] for i in m] != [c]
+            for c, m in zip(self.classes, self.members, strict=True)
+        )
+
+    def scored_as(self, model_class: Any) -> str | None:
+        """The scored class a model class counts for; None when no scored class covers it."""
+        for c, m in zip(self.classes, self.members, strict=True):
+            if any(self.model_labels[i] == model_class for i in m):
+                return c
+        return None
+
+    @property
     def class_map(self) -> dict[str, list[str]]:
         return {
             c: [self.model_labels[i] for i in m]
@@ -162,20 +177,52 @@ def build_task(external: Sequence[str], labels: Sequence[str], class_map: Any) -
 
 
 def chosen_positive(requested: Any, loaded: LoadedModel, task: Task) -> Any:
-    """``positive_class=`` if given, else the run's own positive class when it is scored here."""
+    """``positive_class=`` if given, else the run's own positive class, through ``class_map``.
+
+    Why through the map: with ``{sick: COVID, healthy: NonCOVID}`` the positive class must
+    stay the one the model calls COVID; a default by position would silently swap
+    sensitivity and specificity. A binary renamed task with no way to tell is refused.
+    """
     if requested is not None:
         return requested
-    trained = (loaded.config.get("dwskd") or {}).get("positive_class")
-    return trained if trained in task.classes else None
+    trained = loaded.provenance.get("positive_class")
+    if not task.renamed:  # the model's own class names (or a subset): as always
+        return trained if trained in task.classes else None
+    if len(task.classes) != 2 or (trained is None and task.grouped):
+        return None  # multiclass, or a multiclass model's classes grouped: index 1 as always
+    followed = task.scored_as(trained)
+    if followed is None:
+        raise EvaluationError(unknown_positive_message(loaded, task, trained))
+    return followed
 
 
-def positive_source(requested: Any, chosen: Any, positive: int | None) -> str | None:
-    """Where the positive class came from, for the report."""
+def unknown_positive_message(loaded: LoadedModel, task: Task, trained: Any) -> str:
+    """Why the positive class of a renamed binary task is unknown, and the option to give."""
+    config = loaded.folder / "config.json"
+    if trained is None:
+        why = f"the model records no positive class ({config} has no dwskd.positive_class)"
+    else:
+        why = f"the model's positive class {trained!r} ({config}) is not mapped to any of them"
+    return (
+        f"class_map renames the model's classes ({task.class_map}) and {why}, so it is unknown "
+        f"which of {list(task.classes)} is positive for ROC, sensitivity and specificity. "
+        f"Give positive_class=<one of {list(task.classes)}>."
+    )
+
+
+def positive_source(
+    requested: Any, chosen: Any, positive: int | None, trained: Any = None
+) -> str | None:
+    """Where the positive class came from, for the report; ``trained``: the run's own one."""
     if positive is None:
         return None
     if requested is not None:
         return "positive_class="
-    return "the run's data.positive_class" if chosen is not None else "default: class index 1"
+    if chosen is None:
+        return "default: class index 1"
+    if trained is not None and trained != chosen:
+        return f"the run's data.positive_class {trained!r}, through class_map"
+    return "the run's data.positive_class"
 
 
 def positive_index(task: Task, positive_class: Any) -> int | None:
@@ -679,7 +726,7 @@ def write_saliency(
 
     p = loaded.preprocessing
     files = scored.predictions.files[: int(cfg.saliency)]
-    transform = eval_transform(p.img_size, p.mean, p.std)
+    transform = eval_transform(p.img_size, p.mean, p.std, p.standardize)
     decoded = [read_image(f, p.img_size, p.in_chans) for f in files]
     images = torch.stack([transform(image=d)["image"] for d in decoded])
     raw = [read_image(f, _display_size(f), p.in_chans) for f in files]
@@ -727,7 +774,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     predictions, targets = predict_folder(cfg, loaded, files, task)
     scored = Scored(task, positive, predictions, task.probabilities(predictions.probs), targets)
     results = collect_results(cfg, loaded, preprocessing, folder, scored)
-    results["task"]["positive_source"] = positive_source(cfg.positive_class, chosen, positive)
+    trained = loaded.provenance.get("positive_class")
+    results["task"]["positive_source"] = positive_source(
+        cfg.positive_class, chosen, positive, trained
+    )
     if int(cfg.saliency) > 0:
         overlays = write_saliency(cfg, loaded, scored, folder, out)
         results["saliency"] = [str(p) for p in overlays]
