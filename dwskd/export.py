@@ -10,9 +10,10 @@ Every file has one input, ``image``: a float32 batch (N, C, H, W), any N, alread
 and normalised as the model was trained (its preprocessing travels inside the file), and
 one output, ``logits`` (N, num_classes): apply softmax for probabilities. Inside the file,
 as JSON, ``preprocessing`` (input_size, in_chans, img_size, mean, std, interpolation,
-crop_mode, label_names), ``provenance`` (the run's dwskd block, model, exporter versions) and
-``interface``: ONNX ``metadata_props``; TorchScript ``_extra_files`` and torch.export
-``extra_files`` named ``<key>.json``. :func:`read_metadata` reads them back from any format.
+crop_mode, label_names, standardize), ``provenance`` (the run's dwskd block, model, exporter
+versions) and ``interface``: ONNX ``metadata_props``; TorchScript ``_extra_files`` and
+torch.export ``extra_files`` named ``<key>.json``. :func:`read_metadata` reads them back from
+any format.
 
 ONNX uses the exporter torch recommends since 2.9 (``torch.onnx.export(dynamo=True)``):
 the TorchScript-based one is deprecated, and torch.export's symbolic batch dimension gives
@@ -100,6 +101,7 @@ def preprocessing_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
         "crop_pct": data["crop_pct"],
         "crop_mode": data["crop_mode"],
         "label_names": list(pre.label_names),
+        "standardize": pre.standardize,  # true: per-image zero mean / unit std, not mean/std
     }
 
 
@@ -112,6 +114,7 @@ def preprocessing_from_metadata(meta: Mapping[str, Any]) -> exported.Preprocessi
         mean=tuple(pre["mean"]),
         std=tuple(pre["std"]),
         label_names=tuple(pre["label_names"]),
+        standardize=bool(pre.get("standardize", False)),
     )
 
 

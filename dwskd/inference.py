@@ -2,8 +2,9 @@
 
 A model is only as good as the preprocessing it is fed: each image is decoded with
 :func:`dwskd.data.folder.read_image` at the model folder's ``img_size`` and ``in_chans`` and
-normalised by :func:`dwskd.data.transforms.eval_transform` with its mean/std, exactly what
-training and the run's own test stage did, so a prediction here equals the run's own.
+normalised by :func:`dwskd.data.transforms.eval_transform` with its mean/std (or per image,
+``standardize``), exactly what training and the run's own test stage did, so a
+prediction here equals the run's own.
 Unreadable images follow the ``bad_images`` policy of training: ``skip`` (warn, list them)
 or ``error`` (stop, naming the file).
 
@@ -199,7 +200,7 @@ def run_model(
         raise InferenceError(f"batch_size={batch_size} must be at least 1.")
     model, target, p = loaded.model.eval(), pick_device(device), loaded.preprocessing
     model.to(target)
-    transform = eval_transform(p.img_size, p.mean, p.std)
+    transform = eval_transform(p.img_size, p.mean, p.std, p.standardize)
     probs, index, skipped = [], [], []
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool, progress_bar(len(paths), progress) as advance:

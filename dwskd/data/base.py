@@ -1,7 +1,8 @@
 """What every dwskd datamodule shares: splits held as uint8 arrays, loaders, balance, summary.
 
 A subclass only says how to read its splits (``_load_splits``); drawing a validation split,
-limiting class sizes, augmenting, balancing and describing the data live here once.
+subsetting train, limiting class sizes, augmenting, balancing and describing the data live
+here once.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dwskd.data.checks import SPLITS, DataError, check_several_classes, require_choice
-from dwskd.data.splits import groups_from_regex, stratified_split
-from dwskd.data.transforms import eval_transform, per_channel, train_transform
+from dwskd.data.splits import (
+    check_train_subset,
+    groups_from_regex,
+    stratified_split,
+    train_subset,
+)
+from dwskd.data.transforms import AUGMENTATIONS, eval_transform, per_channel, train_transform
 
 
 class ImageSource(Protocol):
@@ -165,11 +171,18 @@ class BaseDataModule(pl.LightningDataModule):
         limit_per_class: int | None = None,
         positive_class: str | None = None,
         external: Mapping[str, Any] | None = None,
+        train_fraction: float = 1.0,
+        train_per_class: int | None = None,
+        augment: str = "default",
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         require_choice("channels", channels, (1, 3))
         require_choice("balance", balance, ("none", "sampler", "loss"))
         require_choice("views", views, (1, 2))
+        require_choice("augment", augment, AUGMENTATIONS)
+        require_choice("standardize", standardize, (False, True))
+        check_train_subset(train_fraction, train_per_class)
         self.name, self.img_size, self.channels = name, int(img_size), int(channels)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.val_fraction, self.group_regex, self.seed = float(val_fraction), group_regex, seed
@@ -177,12 +190,15 @@ class BaseDataModule(pl.LightningDataModule):
         self.mean = per_channel(mean, self.channels, "mean")
         self.std = per_channel(std, self.channels, "std")
         self.limit_per_class = limit_per_class
+        self.train_fraction, self.train_per_class = train_fraction, train_per_class
+        self.augment, self.standardize = augment, bool(standardize)
         self.positive_class = positive_class
         # External test sets (dwskd.external scores them after training; never loaded here).
         self.external = dict(external or {})
         self.class_names: list[str] = []
         self._splits: dict[str, SplitData] | None = None
         self._val_from_train = False
+        self._train_before_subset: int | None = None
         # Seed of the training order and augmentation; the pipeline sets it for each stage.
         self.loader_seed = int(seed)
 
@@ -201,6 +217,7 @@ class BaseDataModule(pl.LightningDataModule):
         if "val" not in splits:
             splits = self._with_val_from_train(splits)
         splits = {k: splits[k] for k in SPLITS}
+        splits["train"] = self._train_subset(splits["train"])
         if self.limit_per_class:
             splits = {k: self._limited(v) for k, v in splits.items()}
         self.class_names, self._splits = list(class_names), splits
@@ -283,6 +300,14 @@ class BaseDataModule(pl.LightningDataModule):
             "balance": self.balance,
             "views": self.views,
             "limit_per_class": self.limit_per_class,
+            "train_subset": {
+                "fraction": self.train_fraction,
+                "per_class": self.train_per_class,
+                "images": int(sum(counts["train"].values())),
+                "of": self._train_before_subset,
+            },
+            "augment": self.augment,
+            "standardize": self.standardize,
             "positive_class": self.class_names[self.positive_index]
             if self.num_classes == 2
             else None,
@@ -302,6 +327,20 @@ class BaseDataModule(pl.LightningDataModule):
         self._val_from_train = True
         return {**splits, "train": train.subset(train_idx), "val": train.subset(val_idx)}
 
+    def _train_subset(self, train: SplitData) -> SplitData:
+        """The ``train_fraction`` / ``train_per_class`` subset of train (val is drawn already).
+
+        Whole ``group_regex`` groups (patients) stay together; without one it is per image.
+        """
+        self._train_before_subset = len(train.labels)
+        if self.train_fraction == 1.0 and self.train_per_class is None:
+            return train
+        groups = groups_from_regex(train.names, self.group_regex) if self.group_regex else None
+        index = train_subset(
+            train.labels, self.seed, self.train_fraction, self.train_per_class, groups
+        )
+        return train.subset(index)
+
     def _limited(self, data: SplitData) -> SplitData:
         """At most ``limit_per_class`` images of each class (a seeded subset), for quick runs."""
         rng = np.random.default_rng(self.seed)
@@ -314,9 +353,11 @@ class BaseDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         data = self.split(split)
         if train:
-            transform = train_transform(self.img_size, self.mean, self.std, self.hflip)
+            transform = train_transform(
+                self.img_size, self.mean, self.std, self.hflip, self.augment, self.standardize
+            )
         else:
-            transform = eval_transform(self.img_size, self.mean, self.std)
+            transform = eval_transform(self.img_size, self.mean, self.std, self.standardize)
         dataset = ImageDataset(data, transform, self.views if train else 1)
         sampler = self._train_sampler(dataset, data.labels) if train else None
         return DataLoader(

@@ -1,4 +1,4 @@
-"""Validation splits drawn from a training set: stratified, seeded, optionally grouped.
+"""Validation splits and training subsets drawn from a training set: stratified, seeded, grouped.
 
 Pure functions on label arrays and file names, so the split is testable without images
 and identical for every model and training seed that uses the same data seed.
@@ -44,6 +44,22 @@ def _majority_label(labels: np.ndarray) -> int:
     return int(values[np.argmax(counts)])
 
 
+def _group_table(
+    labels: np.ndarray, groups: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group index per image, majority class per group, images per group).
+
+    ``groups=None`` makes every image its own group.
+    """
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+    group_ids, group_of = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
+    group_class = np.array([_majority_label(labels[group_of == g]) for g in range(len(group_ids))])
+    group_size = np.bincount(group_of, minlength=len(group_ids))
+    return group_of, group_class, group_size
+
+
 def stratified_split(
     labels: Sequence[int] | np.ndarray,
     val_fraction: float,
@@ -60,12 +76,7 @@ def stratified_split(
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive).")
     labels = np.asarray(labels, dtype=np.int64)
-    groups = list(groups) if groups is not None else [str(i) for i in range(len(labels))]
-    if len(groups) != len(labels):
-        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
-    group_ids, group_of = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
-    group_class = np.array([_majority_label(labels[group_of == g]) for g in range(len(group_ids))])
-    group_size = np.bincount(group_of, minlength=len(group_ids))
+    group_of, group_class, group_size = _group_table(labels, groups)
     rng = np.random.default_rng(seed)
     val_groups: list[int] = []
     for cls in np.unique(labels):
@@ -90,3 +101,62 @@ def _pick_val_groups(
         chosen.append(int(g))
         count += int(group_size[g])
     return chosen
+
+
+# Seed stream of training subsets, apart from the validation split's (which uses ``seed`` alone).
+_SUBSET_STREAM = 1
+
+
+def check_train_subset(fraction: float, per_class: int | None) -> None:
+    """Reject a ``data.train_fraction`` / ``data.train_per_class`` that cannot define a subset."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise DataError(f"data.train_fraction={fraction!r} must be a number in (0, 1].")
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(
+            f"data.train_fraction={fraction} must be in (0, 1] (1.0: the whole train split)."
+        )
+    if per_class is None:
+        return
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise DataError(
+            f"data.train_per_class={per_class!r} must be a whole number of images, at least 1 "
+            "(null: no limit)."
+        )
+    if fraction != 1.0:
+        raise DataError(
+            f"data.train_fraction={fraction} and data.train_per_class={per_class} are both "
+            "given; set one of them (leave data.train_fraction=1.0 or data.train_per_class=null)."
+        )
+
+
+def train_subset(
+    labels: Sequence[int] | np.ndarray,
+    seed: int,
+    fraction: float = 1.0,
+    per_class: int | None = None,
+    groups: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Sorted indices of a stratified, seeded subset of a train split (for learning curves).
+
+    Each class keeps ``round(fraction * its images)`` (at least 1) or ``per_class`` images.
+    Every class has one permutation of its groups drawn from (seed, class) alone and the subset
+    takes the shortest prefix that reaches the target, so for one seed every smaller subset
+    lies inside every larger one, and per-class and fraction subsets share one order.
+    Whole groups move together (a patient is in or out); groups are filed under their majority
+    class, so with groups the counts are reached or just passed, not hit exactly.
+    """
+    check_train_subset(fraction, per_class)
+    labels = np.asarray(labels, dtype=np.int64)
+    group_of, group_class, group_size = _group_table(labels, groups)
+    kept: list[np.ndarray] = []
+    for cls in np.unique(group_class):
+        members = np.flatnonzero(group_class == cls)
+        order = np.random.default_rng([seed, _SUBSET_STREAM, int(cls)]).permutation(members)
+        total = int(group_size[members].sum())
+        if per_class is None:
+            target = max(1, round(fraction * total))
+        else:
+            target = min(per_class, total)
+        taken = int(np.searchsorted(np.cumsum(group_size[order]), target)) + 1
+        kept.append(order[:taken])
+    return np.flatnonzero(np.isin(group_of, np.concatenate(kept)))
