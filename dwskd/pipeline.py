@@ -435,6 +435,7 @@ def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -
         mean=tuple(dm.mean),
         std=tuple(dm.std),
         label_names=tuple(dm.class_names),
+        standardize=dm.standardize,
     )
     run = results["run"]
     written = {}
@@ -535,9 +536,16 @@ def run_pipeline(
     command: str | None = None,
     hydra_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Accept the run dir (or refuse, changing nothing), run every stage, test, report."""
+    """Accept the run dir (or refuse, changing nothing), run every stage, test, report.
+
+    A finished run of the same config is skipped: its recorded results are returned.
+    """
     config = OmegaConf.to_container(cfg, resolve=True)
     command = command or "(in-process run)"
+    finished = runs.finished_results(runs.RunLayout(Path(out_dir)), config)
+    if finished is not None:
+        log.info("%s is a finished run of this config: skipped, its results returned", out_dir)
+        return finished
     with runs.opened_run_dir(
         Path(out_dir),
         config,

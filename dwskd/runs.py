@@ -274,6 +274,27 @@ def refuse_finished(layout: RunLayout) -> None:
         )
 
 
+def finished_results(layout: RunLayout, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A finished run asked for again with the same config: its recorded results, or None.
+
+    Why: a re-launched sweep (any Hydra launcher) then continues where it stopped, and a
+    sweeper gets the finished job's metric back, with nothing run or written again. The same
+    dir asked for with another config is refused, naming the differences.
+    """
+    if not layout.finished:
+        return None
+    record = read_json(layout.record_json) or {}
+    changes = config_changes(record.get("config") or {}, config)
+    if changes:
+        listed = "\n  ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise RunDirError(
+            f"{layout.metrics_json} exists: this run is complete, made with another config:\n"
+            f"  {listed}\ndwskd never overwrites results. Start a new run (a new "
+            "hydra.run.dir), or move the old one away."
+        )
+    return read_json(layout.metrics_json)
+
+
 def check_resumable(layout: RunLayout, config: Mapping[str, Any], allow_changes: bool) -> dict:
     """Refuse a stopped run whose config differs (or that an older dwskd made); return changes."""
     record = read_json(layout.record_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -112,7 +113,7 @@ def test_finished_stages_keep_no_checkpoints(killed_and_resumed) -> None:
 
 
 def test_refused_rerun_changes_no_file(killed_and_resumed) -> None:
-    """A finished run dir: the same or another command is refused and touches nothing."""
+    """A finished run dir asked for with another config is refused and touches nothing."""
     run_dir = killed_and_resumed[0]
     before = snapshot(run_dir)
     done = subprocess.run(
@@ -123,10 +124,22 @@ def test_refused_rerun_changes_no_file(killed_and_resumed) -> None:
         text=True,
     )
     assert done.returncode != 0
-    assert "this run is complete" in done.stderr
+    assert "this run is complete, made with another config" in done.stderr
+    assert "method.distill.alpha" in done.stderr
     assert snapshot(run_dir) == before, "a refused run changed files in the run dir"
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "method.distill.alpha=0" not in overrides
+
+
+def test_finished_run_of_the_same_config_is_skipped_with_its_results(tmp_path: Path) -> None:
+    """A re-launched sweep continues: the finished job returns its metrics, writes nothing."""
+    cfg = compose_config("method=scratch", "eval.latency=false")
+    first = run_pipeline(cfg, tmp_path)
+    before = snapshot(tmp_path)
+    again = run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path)
+    assert again == json.loads(runs.RunLayout(tmp_path).metrics_json.read_text())
+    assert again["models"]["student_a"]["val"]["acc"] == first["models"]["student_a"]["val"]["acc"]
+    assert snapshot(tmp_path) == before
 
 
 def test_second_run_into_a_held_dir_names_the_holder(tmp_path: Path) -> None:
