@@ -93,3 +93,20 @@ def positive_class_summary(flat: Mapping[str, object], class_names: Sequence[str
         "sensitivity": flat[f"sensitivity/{name}"],
         "specificity": flat[f"specificity/{name}"],
     }
+
+
+def subset_summary(probs: Tensor, targets: Tensor, class_names: Sequence[str]) -> dict[str, object]:
+    """Accuracy, balanced accuracy over the classes present, and the confusion matrix of a
+    subset (one source of a union's test split), where some of the task's classes are absent:
+    macro metrics over absent classes would be undefined, so they are left out."""
+    confmat = MulticlassConfusionMatrix(num_classes=len(class_names))(probs, targets)
+    support = confmat.sum(dim=1)
+    present = support > 0
+    recall = confmat.diagonal()[present].float() / support[present]
+    return {
+        "n": int(support.sum()),
+        "acc": float(confmat.diagonal().sum() / support.sum().clamp_min(1)),
+        "balanced_acc": float(recall.mean()) if bool(present.any()) else float("nan"),
+        "classes_present": [c for c, p in zip(class_names, present.tolist(), strict=True) if p],
+        "confmat": confmat.tolist(),
+    }

@@ -25,7 +25,7 @@ from dwskd import exported, external, models, runs, selection, training
 from dwskd.distill import DistillOptions
 from dwskd.loggers import log_results, stage_loggers, wandb_group
 from dwskd.machine import git_commit, machine_info, package_versions
-from dwskd.metrics import positive_class_summary, scalar_only
+from dwskd.metrics import positive_class_summary, scalar_only, subset_summary
 from dwskd.module import DistillModule
 from dwskd.report import write_run_report
 from dwskd.runs import RunDirectory, StageOutput, StageRunner
@@ -388,6 +388,9 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
                 for split, m in (("val", val.metrics[short]), ("test", flat))
             }
             predictions[name] = (test.probs[short].numpy(), test.targets.numpy())
+            by_source = source_scores(ctx.datamodule, test.probs[short], test.targets)
+            if by_source:
+                entries[name]["test_by_source"] = by_source
     for name, model in named_models(students, teacher).items():
         entries[name].update(model_costs(ctx, model))
     if "ensemble" in entries:
@@ -396,6 +399,17 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
             {k: sum(m[k] for m in members) for k in ("params", "flops") if k in members[0]}
         )
     return entries, predictions
+
+
+def source_scores(datamodule: Any, probs: torch.Tensor, targets: torch.Tensor) -> dict:
+    """A union's test split scored per source too: in-source vs a second source's held-out part."""
+    if not hasattr(datamodule, "source_indices"):
+        return {}
+    names = datamodule.class_names
+    return {
+        key: subset_summary(probs[torch.as_tensor(index)], targets[torch.as_tensor(index)], names)
+        for key, index in datamodule.source_indices("test").items()
+    }
 
 
 def report_name(group: str, short: str) -> str:

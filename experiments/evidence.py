@@ -40,6 +40,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dwskd.machine import now_iso
+from dwskd.runs import read_results
 from experiments import aggregate, external_table, paper
 from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress
 
@@ -64,6 +65,16 @@ class Variant:
     x: float | str
     budget: paper.Budget
     extra: tuple[str, ...] = ()
+    datasets: tuple[
+        tuple[str, str], ...
+    ] = ()  # (dataset, the data config it becomes); others dropped
+
+    def data_of(self, datasets: Sequence[str]) -> tuple[str, ...]:
+        """The variant's datasets: all of them, or those it replaces, replaced."""
+        if not self.datasets:
+            return tuple(datasets)
+        swap = dict(self.datasets)
+        return tuple(swap[d] for d in datasets if d in swap)
 
     def shared(self) -> bool:
         """The table's own setting: its runs are the paper's pretrained sweep."""
@@ -102,14 +113,18 @@ def variants(study: str, values: Sequence[str]) -> list[Variant]:
             replace(paper.FULL, student_epochs=e, finetune_epochs=finetune_share(e)) for e in epochs
         ]
         return [Variant(f"e{e}", e, b) for e, b in zip(epochs, budgets, strict=True)]
-    return [Variant(name, name, paper.FULL, ROBUSTNESS_LEVERS[name]) for name in values]
+    return [Variant(name, name, paper.FULL, *ROBUSTNESS_LEVERS[name]) for name in values]
 
 
-ROBUSTNESS_LEVERS = {
-    "default": (),
-    "robust": ("data.augment=robust",),
-    "standardize": ("data.standardize=true",),
-    "robust_standardize": ("data.augment=robust", "data.standardize=true"),
+# (overrides, datasets replaced). multisource: brain_mri trained on a second source of
+# tumour-free and glioma slices (half the lgg_tcga_t1c patients); its own scenario, scored on
+# the held-out patients per source, never called external.
+ROBUSTNESS_LEVERS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
+    "default": ((), ()),
+    "robust": (("data.augment=robust",), ()),
+    "standardize": (("data.standardize=true",), ()),
+    "robust_standardize": (("data.augment=robust", "data.standardize=true"), ()),
+    "multisource": ((), (("brain_mri", "brain_mri_multisource"),)),
 }
 DEFAULT_VALUES = {
     "scarcity": ("5", "20", "50", "100"),
@@ -123,7 +138,7 @@ def settings_of(study: str, variant: Variant, args: argparse.Namespace) -> paper
     name = SHARED if variant.shared() else f"{study}_{variant.label}"
     return paper.Settings(
         name=name,
-        datasets=tuple(args.datasets or STUDY_DATASETS[study]),
+        datasets=variant.data_of(args.datasets or STUDY_DATASETS[study]),
         methods=METHODS,
         seeds=tuple(args.seeds),
         scenarios=("pretrained",),
@@ -145,6 +160,7 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
         archived = [a.root for a in settings.archives()]
         paths = aggregate.run_paths(settings.out, archived)
         outside = {(r.dataset, r.method, r.seed): r for r in external_table.collect(paths)}
+        path_of = {(p.parts[-3], p.parts[-2], int(p.parts[-1][1:])): p for p in paths}
         for row in aggregate.collect_rows(settings.out, archived):
             keep = row.dataset in settings.datasets and row.method in METHODS
             if not keep or row.model != "deployed" or row.seed not in settings.seeds:
@@ -156,9 +172,17 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
                 "acc": row.values["acc"], "val_acc": row.values["val_acc"],
                 "external_set": ext.set_name if ext else "",
                 "external_auroc": ext.values["auroc"] if ext else None,
+                "by_source": source_accuracies(path_of[row.dataset, row.method, row.seed],
+                                               row.deployed),
                 "curve": row.curve,
             })  # fmt: skip
     return lines
+
+
+def source_accuracies(path: Path, deployed: str) -> dict[str, float]:
+    """A union's test split per source (multisource): the deployed model's accuracy on each."""
+    scores = read_results(path)["models"][deployed].get("test_by_source") or {}
+    return {key: score["acc"] for key, score in scores.items()}
 
 
 def summarise(lines: Sequence[dict]) -> list[dict]:
@@ -175,6 +199,11 @@ def summarise(lines: Sequence[dict]) -> list[dict]:
         gains = [r["acc"] - scratch[dataset, label, r["seed"]] for r in members
                  if (dataset, label, r["seed"]) in scratch]  # fmt: skip
         record = {"dataset": dataset, "x": x, "variant": label, "method": method, "n": len(members)}
+        sources = sorted({k for r in members for k in r.get("by_source") or {}})
+        record["by_source"] = {
+            k: aggregate.mean_std((r.get("by_source") or {}).get(k) for r in members)[:2]
+            for k in sources
+        }
         for key, values in (
             ("acc", [r["acc"] for r in members]),
             ("external_auroc", [r["external_auroc"] for r in members]),
@@ -202,17 +231,24 @@ def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Seq
         *(f"![{study}]({p})" for p in plots),
         "",
         f"| dataset | {X_TITLES[study]} | method | n | test acc (%) | gain over scratch (points) "
-        "| external AUROC |",
-        "|---|---|---|---|---|---|---|",
+        "| external AUROC | test acc per source (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in records:
         lines.append(
             f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['n']} "
             f"| {aggregate.plain(r['acc_mean'], r['acc_std'], 100)} "
             f"| {aggregate.plain(r['gain_mean'], r['gain_std'], 100)} "
-            f"| {aggregate.plain(r['external_auroc_mean'], r['external_auroc_std'], 1, 3)} |"
+            f"| {aggregate.plain(r['external_auroc_mean'], r['external_auroc_std'], 1, 3)} "
+            f"| {source_cell(r['by_source'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def source_cell(by_source: dict[str, tuple[float, float]]) -> str:
+    """``nickparvar 71.2 ± 1.0; lgg 60.3 ± 2.2`` (held-out part of each source), or –."""
+    cells = [f"{k} {aggregate.plain(m, s, 100)}" for k, (m, s) in by_source.items()]
+    return "; ".join(cells) or "–"
 
 
 def figure(study: str, records: Sequence[dict]) -> Figure:
@@ -283,7 +319,11 @@ def write_results(study: str, plan, results_dir: Path, command: str) -> list[Pat
         fields = [k for k in lines[0] if k != "curve"]
         writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(lines)
+        for line in lines:
+            sources = line.get("by_source") or {}
+            writer.writerow(
+                {**line, "by_source": " ".join(f"{k}={v:.4f}" for k, v in sources.items())}
+            )
     return [md, table, *plots]
 
 

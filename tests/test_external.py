@@ -160,3 +160,19 @@ def test_study_results_table_and_plot_from_runs(tmp_path: Path) -> None:
     assert "| brain | f20 | ws | 2 | 75.0 ± 7.1 | 25.0 ± 7.1 | – |" in text
     assert "| brain | f100 | scratch | 2 | 50.0 ± 0.0 | – | 0.600 ± 0.000 |" in text
     assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000
+
+
+def test_multisource_lever_replaces_brain_mri_only_and_reports_per_source() -> None:
+    from experiments import evidence
+
+    multi = evidence.variants("robustness", ["multisource"])[0]
+    assert multi.data_of(["chest_xray", "brain_mri"]) == ("brain_mri_multisource",)
+    assert evidence.variants("robustness", ["robust"])[0].data_of(["a", "b"]) == ("a", "b")
+    lines = [
+        {"dataset": "m", "x": "multisource", "variant": "multisource", "method": "ws", "seed": s,
+         "acc": 0.7, "external_auroc": None, "by_source": {"lgg": a, "nickparvar": 0.8}}
+        for s, a in ((1, 0.5), (2, 0.7))
+    ]  # fmt: skip
+    record = evidence.summarise(lines)[0]
+    assert record["by_source"]["lgg"] == pytest.approx((0.6, 0.1414), abs=1e-4)
+    assert evidence.source_cell(record["by_source"]) == "lgg 60.0 ± 14.1; nickparvar 80.0 ± 0.0"

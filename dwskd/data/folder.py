@@ -1,4 +1,5 @@
-"""Image-folder datasets laid out as ``<root>/<split>/<class>/<image>`` (split: train/val/test).
+"""Image-folder datasets laid out as ``<root>/<split>/<class>/<image>`` (split: train/val/test),
+or as one pool ``<root>/<class>/<image>`` split by ``test_fraction`` (grouped by patient).
 
 Every file is decoded once at set-up (in threads; JPEGs at reduced scale through Pillow's
 draft mode), which both finds bad files before training starts and fills the in-memory
@@ -30,6 +31,7 @@ from dwskd.data.checks import (
     require_root,
     scan_split,
 )
+from dwskd.data.splits import groups_from_regex, stratified_split
 
 log = logging.getLogger(__name__)
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -131,7 +133,9 @@ class ImageFolderDataModule(BaseDataModule):
     full task's train split never sees them). ``bad_images``: ``skip`` (warn, count in ``summary()``) or ``error`` (raise naming the
     file), for undecodable images and dangling symlinks alike. Identical files in two class
     folders of a split, or in two splits, always raise. ``download_hint`` is shown when the
-    root is missing.
+    root is missing. ``test_fraction`` (a folder with no split folders, e.g. an external set
+    used for training): the pooled ``<root>/<class>/*`` images are split into test and train
+    by whole ``group_regex`` groups, then val is drawn from train as usual.
     """
 
     def __init__(
@@ -141,9 +145,16 @@ class ImageFolderDataModule(BaseDataModule):
         bad_images: str = "skip",
         download_hint: str | None = None,
         classes: Sequence[str] | None = None,
+        test_fraction: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(name=name, **options)
+        if test_fraction is not None and not 0 < float(test_fraction) < 1:
+            raise DataError(
+                f"data.test_fraction={test_fraction} must be in (0, 1): the share of the pooled "
+                "<root>/<class>/ images (whole group_regex groups) held out as test."
+            )
+        self.test_fraction = None if test_fraction is None else float(test_fraction)
         require_choice("bad_images", bad_images, ("skip", "error"))
         self.root, self.bad_images, self.download_hint = str(root), bad_images, download_hint
         if isinstance(classes, str):
@@ -156,16 +167,33 @@ class ImageFolderDataModule(BaseDataModule):
     def _load_splits(self) -> tuple[dict[str, SplitData], list[str]]:
         root = Path(self.root).expanduser()
         require_root(root, self.download_hint)
-        files = {split: scan_split(d) for split, d in find_split_dirs(root).items()}
+        if self.test_fraction is None:
+            files = {split: scan_split(d) for split, d in find_split_dirs(root).items()}
+        else:
+            files = {"train": scan_split(root)}
         class_names = check_class_sets({s: list(by_class) for s, by_class in files.items()})
         kept = select_classes(self.classes, class_names, root)
         check_no_duplicates(files)
         splits = {s: self._read_split(by_class, class_names) for s, by_class in files.items()}
+        if self.test_fraction is not None:
+            splits = self._with_test_from_pool(splits["train"])
         if kept == class_names:
             return splits, class_names
         if "val" not in splits:  # drawn over all classes: the same val as the full task's
             splits = self._with_val_from_train(splits)
         return {s: keep_classes(d, class_names, kept) for s, d in splits.items()}, kept
+
+    def _with_test_from_pool(self, pool: SplitData) -> dict[str, SplitData]:
+        """Hold out ``test_fraction`` of a pooled folder as test, whole groups (patients) at once.
+
+        Stratified and seeded like the validation split (drawn next, from what is left), with
+        its own seed stream so that test and val never depend on each other's fractions.
+        """
+        groups = groups_from_regex(pool.names, self.group_regex)
+        train_idx, test_idx = stratified_split(
+            pool.labels, self.test_fraction, self.seed + 1, groups
+        )
+        return {"train": pool.subset(train_idx), "test": pool.subset(test_idx)}
 
     def _read_split(self, files: dict[str, list[Path]], class_names: list[str]) -> SplitData:
         """Decode a split's files, apply the bad-image policy, keep pixels or paths."""

@@ -9,7 +9,9 @@ images, union val = their val splits, union test = their test splits.
 
 Class names are prefixed with the source's key (``chest_NORMAL``) and sorted, so label
 indices do not depend on the order the sources are listed in and match a head trained on the
-same union (``brain_glioma, ..., chest_NORMAL, ..., lung_NonCOVID``).
+same union (``brain_glioma, ..., chest_NORMAL, ..., lung_NonCOVID``). With
+``merge_classes=true`` the names stay unprefixed and equal names are one class: several
+sources of the same task (brain MRI from two hospitals) train one head.
 """
 
 from __future__ import annotations
@@ -79,8 +81,15 @@ class UnionDataModule(BaseDataModule):
     ``limit_per_class``, ``balance``, loaders and the rest act on the union.
     """
 
-    def __init__(self, sources: Mapping[str, Any], name: str = "medunion", **options: Any) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, Any],
+        name: str = "medunion",
+        merge_classes: bool = False,
+        **options: Any,
+    ) -> None:
         super().__init__(name=name, **options)
+        self.merge_classes = bool(merge_classes)
         if OmegaConf.is_config(sources):
             sources = OmegaConf.to_container(sources, resolve=True)
         if not isinstance(sources, Mapping) or not sources:
@@ -126,9 +135,13 @@ class UnionDataModule(BaseDataModule):
         modules = self.source_modules
         for module in modules.values():
             module.setup()
-        class_names = sorted(f"{k}_{c}" for k, m in modules.items() for c in m.class_names)
+
+        def union_name(key: str, name: str) -> str:
+            return name if self.merge_classes else f"{key}_{name}"
+
+        class_names = sorted({union_name(k, c) for k, m in modules.items() for c in m.class_names})
         label_maps = {
-            k: np.array([class_names.index(f"{k}_{c}") for c in m.class_names], dtype=np.int64)
+            k: np.array([class_names.index(union_name(k, c)) for c in m.class_names], np.int64)
             for k, m in modules.items()
         }
         splits = {
@@ -137,6 +150,14 @@ class UnionDataModule(BaseDataModule):
         }
         self._val_from_train = any(m.summary()["val_from_train"] for m in modules.values())
         return splits, class_names
+
+    def source_indices(self, split: str) -> dict[str, np.ndarray]:
+        """Positions of each source's images in the union's ``split`` (names ``<key>/<file>``)."""
+        names = self.split(split).names
+        return {
+            key: np.flatnonzero([n.startswith(f"{key}/") for n in names])
+            for key in self.source_modules
+        }
 
     def summary(self) -> dict[str, Any]:
         """The base summary plus each source's name, root, val origin and split sizes."""
