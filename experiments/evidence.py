@@ -43,6 +43,7 @@ from dwskd.machine import now_iso
 from dwskd.runs import read_results
 from experiments import aggregate, external_table, paper
 from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress
+from experiments.launch import Launch, add_launch_argument, split_launch
 
 log = logging.getLogger("experiments.evidence")
 
@@ -133,7 +134,9 @@ DEFAULT_VALUES = {
 }
 
 
-def settings_of(study: str, variant: Variant, args: argparse.Namespace) -> paper.Settings:
+def settings_of(
+    study: str, variant: Variant, args: argparse.Namespace, launch: Launch
+) -> paper.Settings:
     """The paper sweep behind one variant (the shared one is named ``paper_pretrained``)."""
     name = SHARED if variant.shared() else f"{study}_{variant.label}"
     return paper.Settings(
@@ -149,6 +152,7 @@ def settings_of(study: str, variant: Variant, args: argparse.Namespace) -> paper
         pretrained_teacher=paper.pretrained_file(args.pretrained_teacher),
         archive=(args.results_dir / "runs" / name).resolve(),
         extra=variant.extra,
+        launch=launch,
     )
 
 
@@ -339,9 +343,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--pretrained-teacher", type=Path)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
+    add_launch_argument(p)
     p.add_argument("--dry-run", action="store_true", help="list the jobs still to run")
     p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("overrides", nargs="*", help="hydra/launcher=<name> and hydra.launcher.*")
     return p.parse_args(argv)
 
 
@@ -353,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in values if args.study == "robustness" and v not in ROBUSTNESS_LEVERS]
     if unknown:
         raise SystemExit(f"--values {unknown}: the robustness levers are {list(ROBUSTNESS_LEVERS)}")
-    plan = [(v, settings_of(args.study, v, args)) for v in variants(args.study, values)]
+    launch, overrides = split_launch(args.overrides, args.in_process)
+    if overrides:
+        raise SystemExit(
+            f"{overrides}: only hydra/launcher=... and hydra.launcher.* are taken here."
+        )
+    plan = [(v, settings_of(args.study, v, args, launch)) for v in variants(args.study, values)]
     command = invocation("experiments.evidence", None if argv is None else list(argv))
     failed: list[paper.Job] = []
     for variant, settings in plan:
@@ -363,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(paper.plan_listing(jobs, settings.archives()))
         elif not args.aggregate_only:
             paper.record_invocation(settings, command)
-            failed += paper.run_jobs(jobs, paper.RUNNERS[args.launcher], settings.archives())
+            failed += paper.run_jobs(jobs, settings.launch, settings.out, settings.archives())
             for archive in settings.archives():
                 archive.store_all()
     if args.dry_run:

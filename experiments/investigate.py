@@ -35,10 +35,10 @@ from experiments.common import (
     set_offline_env,
     show_progress,
 )
+from experiments.launch import Launch, add_launch_argument, split_launch
 from experiments.paper import (
     FULL,
     QUICK,
-    RUNNERS,
     Budget,
     Job,
     check_overrides,
@@ -106,6 +106,7 @@ class Plan:
     out: Path
     paper_root: Path
     extra: tuple[str, ...] = ()
+    launch: Launch = Launch()
 
 
 def run_dir(plan: Plan, variant: str, seed: int) -> Path:
@@ -249,7 +250,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "investigate")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--launcher", choices=tuple(RUNNERS), default="subprocess")
+    add_launch_argument(p)
     p.add_argument("--quick", action="store_true", help="the paper's --quick budget (tests)")
     p.add_argument("--img-size", type=int, help=f"default {FULL.img_size}")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table")
@@ -258,7 +259,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    check_overrides(args.overrides)
+    launch, overrides = split_launch(args.overrides, args.in_process)
+    check_overrides(overrides)
     budget = QUICK if args.quick else FULL
     if args.img_size:
         budget = replace(budget, img_size=args.img_size)
@@ -270,7 +272,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         device=args.device,
         out=args.out.resolve(),
         paper_root=args.paper_root.resolve(),
-        extra=tuple(args.overrides),
+        extra=tuple(overrides),
+        launch=launch,
     )
 
 
@@ -291,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"experiments.paper --datasets {plan.dataset} --scenarios in_domain --methods "
                 f"teacher --seeds {' '.join(map(str, plan.seeds))} (or pass --paper-root)."
             )
-        failed = run_jobs(jobs, RUNNERS[args.launcher])
+        failed = run_jobs(jobs, plan.launch, plan.out)
     return finish(write_results(plan, args.results_dir, command), failed)
 
 

@@ -31,9 +31,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from dwskd.runs import RunLayout, atomic_write
 from experiments import aggregate
 from experiments.common import (
     METHODS,
-    OFFLINE_ENV,
     REPO,
     RESULTS_DIR,
     TEACHER_FREE,
@@ -50,6 +48,7 @@ from experiments.common import (
     set_offline_env,
     show_progress,
 )
+from experiments.launch import Launch, add_launch_argument, launch_phase, split_launch
 
 log = logging.getLogger("experiments.paper")
 
@@ -117,6 +116,7 @@ class Settings:
     pretrained_head: str = "match"
     archive: Path | None = None  # experiments/results/runs/<name>: committed metrics of runs
     extra: tuple[str, ...] = ()
+    launch: Launch = Launch()  # Hydra's launcher for every phase
 
     def archives(self) -> list[Archive]:
         return [Archive(self.out, self.archive)] if self.archive else []
@@ -381,76 +381,43 @@ def plan_listing(jobs: Sequence[Job], archives: Sequence[Archive] = ()) -> str:
 
 
 # ------------------------------------------------------------------------- running jobs
-def run_subprocess(job: Job) -> bool:
-    """One isolated ``dwskd.run`` process; its output goes to ``<run dir>.log``."""
-    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_file = job.run_dir.with_suffix(".log")
-    env = {
-        **OFFLINE_ENV,
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    with log_file.open("a") as stream:
-        result = subprocess.run(
-            [sys.executable, "-m", "dwskd.run", *job.argv()],
-            cwd=REPO,
-            env=env,
-            stdout=stream,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if result.returncode != 0:
-        tail = log_file.read_text(errors="replace").splitlines()[-15:]
-        log.error("job failed (exit %d): %s\n%s", result.returncode, job.command(), "\n".join(tail))
-    return result.returncode == 0
-
-
-def run_in_process(job: Job) -> bool:
-    """The same job inside this process: no ~10 s import per job (tests, tiny sweeps)."""
-    from hydra import compose, initialize_config_dir
-
-    from dwskd.pipeline import run_pipeline
-
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(job.overrides))
-        run_pipeline(cfg, job.run_dir, command=job.command())
-    except Exception:  # one failed job must not stop the sweep; it is reported at the end
-        log.exception("job failed: %s", job.command())
-        return False
-    return True
-
-
-RUNNERS: dict[str, Callable[[Job], bool]] = {
-    "subprocess": run_subprocess,
-    "inprocess": run_in_process,
-}
+PHASES = ("in_domain_teachers", "adapted_teachers", "students")  # names of job_phase 0, 1, 2
 
 
 def run_jobs(
-    jobs: Sequence[Job], runner: Callable[[Job], bool], archives: Sequence[Archive] = ()
+    jobs: Sequence[Job], launch: Launch, root: Path, archives: Sequence[Archive] = ()
 ) -> list[Job]:
-    """Run what is not done yet, in order; returns the jobs that failed or could not start.
+    """Run what is not done yet, one Hydra multirun per phase (teachers first), under ``root``;
+    returns the jobs that failed or could not start.
 
-    A finished job is archived at once (``archives``); an archived one is skipped unless it is
-    a teacher that a pending job still needs the weights of.
+    A finished job is archived (``archives``); an archived one is skipped unless it is a
+    teacher that a pending job still needs the weights of.
     """
+    todo = []
+    for job, state in zip(jobs, job_states(jobs, archives), strict=True):
+        if state == "to run":
+            todo.append(job)
+        else:
+            log.info("%s: %s earlier, skipped", job_label(job), state)
     failed = []
-    for number, (job, state) in enumerate(zip(jobs, job_states(jobs, archives), strict=True), 1):
-        label = f"[{number}/{len(jobs)}] {job.scenario}/{job.dataset}/{job.method}/s{job.seed}"
-        if state != "to run":
-            log.info("%s: %s earlier, skipped", label, state)
-            continue
-        if job.teacher_file is not None and not job.teacher_file.is_file():
-            log.error("%s: teacher %s is missing (its job failed?)", label, job.teacher_file)
-            failed.append(job)
-            continue
-        log.info("%s: %s", label, job.command())
-        if not runner(job):
-            failed.append(job)
+    for phase in sorted({job_phase(job) for job in todo}):
+        ready = [job for job in todo if job_phase(job) == phase]
+        blocked = [j for j in ready if j.teacher_file is not None and not j.teacher_file.is_file()]
+        for job in blocked:
+            log.error(
+                "%s: teacher %s is missing (its job failed?)", job_label(job), job.teacher_file
+            )
+        ready = [job for job in ready if job not in blocked]
+        launch_phase(ready, root, launch, PHASES[phase])
+        failed += blocked + [job for job in ready if not job.done]
         for archive in archives:
-            archive.store(job.run_dir)
+            for job in ready:
+                archive.store(job.run_dir)
     return failed
+
+
+def job_label(job: Job) -> str:
+    return f"{job.scenario}/{job.dataset}/{job.method}/s{job.seed}"
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -488,14 +455,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not copy finished runs' metrics.json to <results-dir>/runs/<name>/ (nor read them)",
     )
-    p.add_argument("--launcher", choices=tuple(RUNNERS), default="subprocess")
+    add_launch_argument(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="list the jobs still to run (and the skipped ones), run nothing",
     )
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra Hydra overrides for every job; hydra/launcher=<name> and hydra.launcher.* "
+        "choose how the jobs are launched",
+    )
     return p.parse_args(argv)
 
 
@@ -545,7 +517,8 @@ def check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    check_overrides(args.overrides)
+    launch, overrides = split_launch(args.overrides, args.in_process)
+    check_overrides(overrides)
     quick, budget = args.quick, budget_from_args(args)
     name = args.name or sweep_name(quick, args.device, budget.img_size)
     return Settings(
@@ -563,7 +536,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ),
         pretrained_head=args.pretrained_head,
         archive=None if args.no_archive else (args.results_dir / "runs" / name).resolve(),
-        extra=tuple(args.overrides),
+        extra=tuple(overrides),
+        launch=launch,
     )
 
 
@@ -600,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_invocation(
             settings, invocation("experiments.paper", None if argv is None else list(argv))
         )
-        failed = run_jobs(jobs, RUNNERS[args.launcher], settings.archives())
+        failed = run_jobs(jobs, settings.launch, settings.out, settings.archives())
     for archive in settings.archives():
         archive.store_all()
     archived = [a.root for a in settings.archives()]

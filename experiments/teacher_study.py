@@ -45,6 +45,7 @@ from experiments.common import (
     set_offline_env,
     show_progress,
 )
+from experiments.launch import add_launch_argument, split_launch
 
 log = logging.getLogger("experiments.teacher_study")
 
@@ -329,7 +330,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="neither read nor write <results-dir>/runs/ (archived metrics.json of finished runs)",
     )
-    p.add_argument("--launcher", choices=tuple(paper.RUNNERS), default="subprocess")
+    add_launch_argument(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -341,7 +342,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def study_from_args(args: argparse.Namespace) -> Study:
-    paper.check_overrides(args.overrides)
+    launch, overrides = split_launch(args.overrides, args.in_process)
+    paper.check_overrides(overrides)
     budget = paper.QUICK if args.quick else paper.FULL
     if args.img_size:
         budget = replace(budget, img_size=args.img_size)
@@ -365,7 +367,8 @@ def study_from_args(args: argparse.Namespace) -> Study:
         pretrained_teacher=pretrained,
         pretrained_head=args.pretrained_head,
         archive=None if args.no_archive else runs / paper_root.name,
-        extra=tuple(args.overrides),
+        extra=tuple(overrides),
+        launch=launch,
     )
     return Study(
         name=name,
@@ -397,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_invocation(
             study, invocation("experiments.teacher_study", None if argv is None else list(argv))
         )
-        failed = paper.run_jobs(jobs, paper.RUNNERS[args.launcher], study.archives())
+        failed = paper.run_jobs(jobs, study.shared.launch, study.out, study.archives())
     own = study.own_archive()
     if own is not None:
         own.store_all()

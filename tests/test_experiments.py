@@ -112,16 +112,23 @@ def test_options_that_would_break_the_comparison_are_refused(argv: list[str]) ->
         paper.settings_from_args(paper.parse_args(["--quick", *argv]))
 
 
-def test_a_failed_teacher_job_blocks_its_students_only(tmp_path: Path) -> None:
-    jobs = paper.plan_jobs(quick_settings(tmp_path, "--scenarios", "in_domain"))
-    ran = []
+def test_a_failed_teacher_job_blocks_its_students_only(tmp_path: Path, monkeypatch) -> None:
+    """Phases run in order through Hydra (here faked); a teacher that wrote no weights stops
+    the students that need them, and only those."""
+    settings = quick_settings(tmp_path, "--scenarios", "in_domain")
+    jobs = paper.plan_jobs(settings)
+    phases = []
 
-    def runner(job: paper.Job) -> bool:
-        ran.append(job.method)
-        return job.method != "teacher"  # the teacher "fails": writes no weights
+    def launch(jobs: list, root: Path, launch: object, phase: str) -> None:
+        phases.append((phase, sorted(j.method for j in jobs)))
+        for job in jobs:  # every job but the teacher "finishes"
+            if job.method != "teacher":
+                job.run_dir.mkdir(parents=True)
+                (job.run_dir / "metrics.json").write_text("{}")
 
-    failed = paper.run_jobs(jobs, runner)
-    assert sorted(ran) == ["dml", "scratch", "teacher"]
+    monkeypatch.setattr(paper, "launch_phase", launch)
+    failed = paper.run_jobs(jobs, settings.launch, settings.out)
+    assert phases == [("in_domain_teachers", ["teacher"]), ("students", ["dml", "scratch"])]
     assert sorted(j.method for j in failed) == ["dwskd", "kd", "teacher", "ws"]
 
 
@@ -142,8 +149,7 @@ def quick_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, l
         str(root / "runs"),
         "--results-dir",
         str(root / "results"),
-        "--launcher",
-        "inprocess",
+        "--in-process",
         "--img-size",
         "32",
         *SWEEP_TINY,
@@ -277,8 +283,7 @@ def study_argv(quick_sweep: tuple, out: Path) -> list[str]:
         str(out / "study"),
         "--results-dir",
         str(out / "results"),
-        "--launcher",
-        "inprocess",
+        "--in-process",
         "--img-size",
         "32",
         *SWEEP_TINY,
@@ -412,7 +417,7 @@ def test_investigation_compares_variants_on_validation_metrics(
         "--quick", "--img-size", "32", "--dataset", "synthetic", "--seeds", "1",
         "--variants", "dwskd_T1", "teacher",
         "--paper-root", str(runs), "--out", str(tmp_path / "inv"),
-        "--results-dir", str(tmp_path / "res"), "--launcher", "inprocess", *SWEEP_TINY,
+        "--results-dir", str(tmp_path / "res"), "--in-process", *SWEEP_TINY,
     ]  # fmt: skip
     assert investigate.main(argv) == 0
     run = json.loads((tmp_path / "inv/synthetic/dwskd_T1/s1/metrics.json").read_text())
@@ -530,3 +535,37 @@ def test_bench_smoke_measures_every_ratio(tmp_path: Path) -> None:
     ):
         assert ratio in text
     assert "python -m experiments.bench --smoke" in text
+
+
+@pytest.mark.slow
+def test_paper_fans_out_on_hydras_joblib_launcher_and_a_second_call_skips_it(
+    tmp_path: Path,
+) -> None:
+    """``python -m experiments.paper hydra/launcher=joblib``: phases as Hydra multiruns in 2
+    local processes; the same command again finds every job finished and runs none."""
+    argv = [
+        "--quick", "--datasets", "synthetic", "--scenarios", "in_domain",
+        "--methods", "scratch", "ws", "--out", str(tmp_path / "runs"),
+        "--results-dir", str(tmp_path / "results"), "--no-archive", "--img-size", "32",
+        *SWEEP_TINY, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    ]  # fmt: skip
+    assert paper.main(argv) == 0
+    runs = tmp_path / "runs" / "in_domain" / "synthetic"
+    finished = {
+        m: (runs / m / "s1" / "metrics.json").stat().st_mtime_ns
+        for m in ("teacher", "scratch", "ws")
+    }
+    multirun = yaml_of(tmp_path / "runs" / ".jobs" / "launch" / "students" / "multirun.yaml")
+    assert multirun["hydra"]["launcher"]["_target_"].endswith("JoblibLauncher")
+    assert multirun["hydra"]["launcher"]["n_jobs"] == 2
+    job = yaml_of(tmp_path / "runs" / ".jobs" / "job" / "in_domain__synthetic__ws__s1.yaml")
+    assert {"override /method": "ws"} in job["defaults"]
+    assert paper.main(argv) == 0
+    again = {m: (runs / m / "s1" / "metrics.json").stat().st_mtime_ns for m in finished}
+    assert again == finished  # nothing ran again
+
+
+def yaml_of(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
