@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export DWSKD_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-full lint format run select paper paper-quick teacher-study investigate bench disk clean
+.PHONY: help install test test-full lint format run select paper paper-quick teacher-study investigate compare bench disk clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ teacher-study: ## ws/dwskd gain vs teacher strength on lung_ct, brain_mri (hours
 
 investigate: ## dwskd knob variants vs baselines on lung_ct, VALIDATION metrics (after make paper)
 	$(PY) -m experiments.investigate $(ARGS)
+
+compare: ## table + plot per swept key of any sweep's runs, mean ± std over seeds (ARGS="outputs/multirun/<time>")
+	$(PY) -m experiments.compare $(ARGS)
 
 bench: ## framework costs side by side -> experiments/results/bench.md
 	$(PY) -m experiments.bench $(ARGS)
