@@ -82,3 +82,32 @@ def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
     """The SLURM launcher's plugin and code path (submitit), through its local executor."""
     two_seed_multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
     assert list(tmp_path.glob("multirun/*/.submitit/*/*_log.out")), "submitit did not run the jobs"
+
+
+def test_optuna_search_composes_over_the_skd_knobs_on_validation() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=["hparams_search=dwskd_optuna"],
+        )
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.optimized_metric == "val/acc" and cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {
+        f"method.distill.{k}" for k in ("temperature", "alpha", "beta", "ema_momentum")
+    }
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reads_back_the_validation_metric(tmp_path: Path) -> None:
+    sweep = [f"hydra.sweep.dir={tmp_path}/multirun", "hydra.sweeper.n_trials=2",
+             "hydra.sweeper.sampler.n_startup_trials=2", "method=scratch"]  # fmt: skip
+    cmd = [sys.executable, "-m", "dwskd.run", "-m", "hparams_search=dwskd_optuna", *sweep, *TINY]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    best = (tmp_path / "multirun" / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "method.distill.temperature" in best
