@@ -58,11 +58,15 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+RESULTS_PATHSPEC = ":(exclude,top)experiments/results"
+
+
 def git_commit() -> dict[str, str | bool] | None:
     """``{"commit": sha, "dirty": bool}`` of the checkout that holds the dwskd package.
 
     Names the exact code behind a result; ``dirty`` says the working tree differs from that
-    commit (tracked changes or untracked, non-ignored files). None when dwskd is not a tracked
+    commit (tracked changes or untracked, non-ignored files) outside ``experiments/results/``:
+    results a sweep archives while it runs are not code. None when dwskd is not a tracked
     part of a git checkout (an installed wheel, even one inside someone's repository) or when
     git is missing or slow.
     """
@@ -74,7 +78,7 @@ def git_commit() -> dict[str, str | bool] | None:
     tracked = _git(git, here.parent, "ls-files", "--error-unmatch", here.name)
     if not commit or tracked is None:
         return None
-    status = _git(git, here.parent, "status", "--porcelain")
+    status = _git(git, here.parent, "status", "--porcelain", "--", ":/", RESULTS_PATHSPEC)
     return {"commit": commit, "dirty": bool(status)}
 
 

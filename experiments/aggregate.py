@@ -345,6 +345,24 @@ def header_lines(meta: Mapping | None, root: Path) -> list[str]:
     return lines
 
 
+def code_versions(paths: Sequence[Path]) -> dict[str, int]:
+    """How many runs each code version made: ``<commit>`` or ``<commit> (dirty)``."""
+    counts: dict[str, int] = defaultdict(int)
+    for path in paths:
+        git = read_results(path).get("run", {}).get("git") or {}
+        commit = str(git.get("commit") or "unknown")[:10]
+        counts[commit + (" (dirty)" if git.get("dirty") else "")] += 1
+    return dict(counts)
+
+
+def code_lines(versions: Mapping[str, int]) -> list[str]:
+    """One code version per table, or a plain warning that this one mixes them."""
+    listed = ", ".join(f"`{v}` ({n} runs)" for v, n in sorted(versions.items()))
+    if len(versions) == 1 and not next(iter(versions)).endswith("(dirty)"):
+        return [f"- code: every run at commit {listed}"]
+    return [f"- **code: mixed or uncommitted versions** - {listed}; cells may not be comparable"]
+
+
 def scenarios_of(records: Sequence[dict]) -> list[str]:
     """In the order of SCENARIO_TITLES; unknown names last."""
     names = {r["scenario"] for r in records}
@@ -375,9 +393,11 @@ def markdown(
     root: Path,
     plot: str | None,
     external: Sequence[str] = (),
+    versions: Mapping[str, int] | None = None,
 ) -> str:
     lines = ["# dwskd vs baselines: test metrics, mean ± std over seeds", ""]
     lines += header_lines(meta, root)
+    lines += code_lines(versions) if versions else []
     lines += [
         "",
         "Deployed = the model each method ships (dwskd/dml: the student with the better "
@@ -495,11 +515,15 @@ def write_results(
     accuracy_figure(records).savefig(paths[2], dpi=120)
     write_csv(records, paths[1])
     write_runs_csv(rows, paths[3])
-    outside = external_table.collect(run_paths(root, archived))
+    paths_of_runs = run_paths(root, archived)
+    outside = external_table.collect(paths_of_runs)
     if outside:
         paths.append(external_table.write_csv(outside, results_dir / f"{name}_external.csv"))
     section = external_table.markdown_section(outside)
-    paths[0].write_text(markdown(records, convergence(rows), meta, root, paths[2].name, section))
+    text = markdown(
+        records, convergence(rows), meta, root, paths[2].name, section, code_versions(paths_of_runs)
+    )
+    paths[0].write_text(text)
     return paths
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from experiments.common import OFFLINE_ENV, REPO
@@ -105,6 +106,38 @@ def write_job_configs(jobs: Sequence[Any], root: Path) -> list[str]:
     return names
 
 
+class ArchiveFinishedJob(Callback):
+    """Hydra callback: a finished job's metrics.json goes into the sweep's archive at once.
+
+    Why at once: run dirs are not committed, so a sweep stopped in the middle of a long phase
+    would otherwise lose every run that phase had finished.
+    """
+
+    def __init__(self, out: str, root: str) -> None:
+        self.out, self.root = Path(out), Path(root)
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from experiments.paper import Archive
+
+        Archive(self.out, self.root).store(Path(HydraConfig.get().runtime.output_dir))
+
+
+def archive_callbacks(archives: Sequence[Any]) -> list[str]:
+    """``hydra.callbacks`` overrides that archive each finished job (see ArchiveFinishedJob)."""
+    target = f"{ArchiveFinishedJob.__module__}.{ArchiveFinishedJob.__name__}"
+    overrides = []
+    for number, archive in enumerate(archives):
+        key = f"+hydra.callbacks.archive{number}"
+        overrides += [
+            f"{key}._target_={target}",
+            f"{key}.out={archive.out}",
+            f"{key}.root={archive.root}",
+        ]
+    return overrides
+
+
 def multirun_args(names: Sequence[str], root: Path, launch: Launch, phase: str) -> list[str]:
     """``dwskd.run``'s arguments for one phase (its own multirun.yaml under ``.jobs``)."""
     return [
@@ -117,11 +150,17 @@ def multirun_args(names: Sequence[str], root: Path, launch: Launch, phase: str) 
     ]
 
 
-def launch_phase(jobs: Sequence[Any], root: Path, launch: Launch, phase: str) -> None:
-    """Run ``jobs`` as one Hydra multirun; which finished is read from their run dirs."""
+def launch_phase(
+    jobs: Sequence[Any], root: Path, launch: Launch, phase: str, archives: Sequence[Any] = ()
+) -> None:
+    """Run ``jobs`` as one Hydra multirun; which finished is read from their run dirs.
+
+    ``archives`` (``experiments.paper.Archive``) receive each job's metrics as it finishes.
+    """
     if not jobs:
         return
     args = multirun_args(write_job_configs(jobs, root), root, launch, phase)
+    args += archive_callbacks(archives)
     log.info("phase %s: %d job(s) on hydra/launcher=%s", phase, len(jobs), launch.launcher)
     if launch.in_process:
         run_in_process(args)

@@ -390,8 +390,8 @@ def run_jobs(
     """Run what is not done yet, one Hydra multirun per phase (teachers first), under ``root``;
     returns the jobs that failed or could not start.
 
-    A finished job is archived (``archives``); an archived one is skipped unless it is a
-    teacher that a pending job still needs the weights of.
+    A job is archived as soon as it finishes (``archives``, by a Hydra callback); an archived
+    one is skipped unless it is a teacher that a pending job still needs the weights of.
     """
     todo = []
     for job, state in zip(jobs, job_states(jobs, archives), strict=True):
@@ -408,11 +408,8 @@ def run_jobs(
                 "%s: teacher %s is missing (its job failed?)", job_label(job), job.teacher_file
             )
         ready = [job for job in ready if job not in blocked]
-        launch_phase(ready, root, launch, PHASES[phase])
+        launch_phase(ready, root, launch, PHASES[phase], archives)
         failed += blocked + [job for job in ready if not job.done]
-        for archive in archives:
-            for job in ready:
-                archive.store(job.run_dir)
     return failed
 
 

@@ -119,7 +119,7 @@ def test_a_failed_teacher_job_blocks_its_students_only(tmp_path: Path, monkeypat
     jobs = paper.plan_jobs(settings)
     phases = []
 
-    def launch(jobs: list, root: Path, launch: object, phase: str) -> None:
+    def launch(jobs: list, root: Path, launch: object, phase: str, archives: tuple) -> None:
         phases.append((phase, sorted(j.method for j in jobs)))
         for job in jobs:  # every job but the teacher "finishes"
             if job.method != "teacher":

@@ -176,3 +176,11 @@ def test_multisource_lever_replaces_brain_mri_only_and_reports_per_source() -> N
     record = evidence.summarise(lines)[0]
     assert record["by_source"]["lgg"] == pytest.approx((0.6, 0.1414), abs=1e-4)
     assert evidence.source_cell(record["by_source"]) == "lgg 60.0 ± 14.1; nickparvar 80.0 ± 0.0"
+
+
+def test_a_table_names_its_code_version_and_flags_a_mix() -> None:
+    one = aggregate.code_lines({"abc1234567": 72})
+    assert one == ["- code: every run at commit `abc1234567` (72 runs)"]
+    mixed = aggregate.code_lines({"abc1234567": 70, "def7654321 (dirty)": 2})
+    assert mixed[0].startswith("- **code: mixed or uncommitted versions**")
+    assert "`def7654321 (dirty)` (2 runs)" in mixed[0]

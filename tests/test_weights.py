@@ -333,3 +333,26 @@ def test_head_match_keeps_the_rows_of_the_tasks_classes(tmp_path: Path) -> None:
     save_file(state, str(unlabelled))
     with pytest.raises(models.ModelConfigError, match="needs the label names"):
         models.load_matched_head(tiny_vit(num_classes=2), unlabelled, ["COVID", "NonCOVID"])
+
+
+def test_results_a_sweep_archives_do_not_make_the_code_dirty(tmp_path: Path) -> None:
+    """A sweep writes experiments/results/ while it runs; its runs' code is still clean."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "dwskd").mkdir(parents=True)
+    shutil.copy(machine.__file__, repo / "dwskd" / "machine.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    spec = importlib.util.spec_from_file_location("copied_machine", repo / "dwskd" / "machine.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    (repo / "experiments" / "results" / "runs").mkdir(parents=True)
+    (repo / "experiments" / "results" / "runs" / "metrics.json").write_text("{}")
+    assert copied.git_commit()["dirty"] is False
+    (repo / "dwskd" / "new.py").write_text("")
+    assert copied.git_commit()["dirty"] is True
