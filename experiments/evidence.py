@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,12 +51,24 @@ log = logging.getLogger("experiments.evidence")
 SHARED = "paper_pretrained"  # the pretrained scenario of the table, at one commit
 METHODS = ("scratch", "ws", "dwskd")
 EPOCH_CAP = 50
-STUDY_DATASETS = {
-    "scarcity": ("brain_mri_tumour_type", "chest_xray", "lung_ct"),
-    "budget": ("brain_mri_tumour_type", "lung_ct"),
-    "robustness": paper.DATASETS,
-}
-X_TITLES = {"scarcity": "train fraction", "budget": "student epochs", "robustness": "data"}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study varies over, on which tasks and methods.
+
+    ``shares_teacher``: only the students change, so every variant's students select from the
+    table's own adapted teachers (``paper_pretrained``), not from copies trained again.
+    """
+
+    datasets: tuple[str, ...]
+    methods: tuple[str, ...]
+    x_title: str
+    values: tuple[str, ...]  # the default --values
+    shares_teacher: bool = False
+
+
+TWO_TASKS = ("brain_mri_tumour_type", "chest_xray")
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,10 @@ def variants(study: str, values: Sequence[str]) -> list[Variant]:
             replace(paper.FULL, student_epochs=e, finetune_epochs=finetune_share(e)) for e in epochs
         ]
         return [Variant(f"e{e}", e, b) for e, b in zip(epochs, budgets, strict=True)]
+    if study == "temperature":
+        return knob_variants("t", "method.distill.temperature", values, TABLE_TEMPERATURE)
+    if study == "depth":
+        return knob_variants("d", "model.depth", values, TABLE_DEPTH)
     return [Variant(name, name, paper.FULL, *ROBUSTNESS_LEVERS[name]) for name in values]
 
 
@@ -127,22 +144,47 @@ ROBUSTNESS_LEVERS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
     "robust_standardize": (("data.augment=robust", "data.standardize=true"), ()),
     "multisource": ((), (("brain_mri", "brain_mri_multisource"),)),
 }
-DEFAULT_VALUES = {
-    "scarcity": ("5", "20", "50", "100"),
-    "budget": ("4", "16", "32"),
-    "robustness": tuple(ROBUSTNESS_LEVERS),
-}
+STUDIES = {
+    "scarcity": StudySpec(
+        ("brain_mri_tumour_type", "chest_xray", "lung_ct"), METHODS, "train fraction",
+        ("5", "20", "50", "100"),
+    ),
+    "budget": StudySpec(
+        ("brain_mri_tumour_type", "lung_ct"), METHODS, "student epochs", ("4", "16", "32"), True
+    ),
+    "robustness": StudySpec(paper.DATASETS, METHODS, "data", tuple(ROBUSTNESS_LEVERS)),
+    # The design card's sweeps (issue "Sweeps and dashboards"): SKD temperature, student depth.
+    "temperature": StudySpec(TWO_TASKS, ("dwskd",), "SKD temperature", ("1", "2", "4", "8"), True),
+    "depth": StudySpec(TWO_TASKS, ("ws", "dwskd"), "student depth", ("4", "6", "9", "12"), True),
+}  # fmt: skip
+# The table's values (a variant with them is the table's own run): method.distill.temperature
+# (conf/method/_base.yaml) and the ViT-T depth (conf/model/vit_tiny.yaml).
+TABLE_TEMPERATURE, TABLE_DEPTH = 4, 12
+
+
+def knob_variants(prefix: str, key: str, values: Sequence[str], table: float) -> list[Variant]:
+    """One override per variant; the table's own value needs none (its runs are shared)."""
+    numbers = sorted(float(v) for v in values)
+    return [
+        Variant(f"{prefix}{v:g}", v, paper.FULL, () if v == table else (f"{key}={v:g}",))
+        for v in numbers
+    ]
 
 
 def settings_of(
     study: str, variant: Variant, args: argparse.Namespace, launch: Launch
 ) -> paper.Settings:
     """The paper sweep behind one variant (the shared one is named ``paper_pretrained``)."""
+    spec = STUDIES[study]
     name = SHARED if variant.shared() else f"{study}_{variant.label}"
+    teachers = None
+    if spec.shares_teacher and not variant.shared():
+        table = Variant("table", "table", paper.FULL)
+        teachers = settings_of(study, table, args, launch)
     return paper.Settings(
         name=name,
-        datasets=variant.data_of(args.datasets or STUDY_DATASETS[study]),
-        methods=METHODS,
+        datasets=variant.data_of(args.datasets or spec.datasets),
+        methods=spec.methods,
         seeds=tuple(args.seeds),
         scenarios=("pretrained",),
         budget=variant.budget,
@@ -153,6 +195,7 @@ def settings_of(
         archive=(args.results_dir / "runs" / name).resolve(),
         extra=variant.extra,
         launch=launch,
+        teachers=teachers,
     )
 
 
@@ -166,7 +209,7 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
         outside = {(r.dataset, r.method, r.seed): r for r in external_table.collect(paths)}
         path_of = {(p.parts[-3], p.parts[-2], int(p.parts[-1][1:])): p for p in paths}
         for row in aggregate.collect_rows(settings.out, archived):
-            keep = row.dataset in settings.datasets and row.method in METHODS
+            keep = row.dataset in settings.datasets and row.method in settings.methods
             if not keep or row.model != "deployed" or row.seed not in settings.seeds:
                 continue
             ext = outside.get((row.dataset, row.method, row.seed))
@@ -174,6 +217,7 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
                 "study": study, "variant": variant.label, "x": variant.x,
                 "dataset": row.dataset, "method": row.method, "seed": row.seed,
                 "acc": row.values["acc"], "val_acc": row.values["val_acc"],
+                "params": row.values["params"], "latency_ms": row.values["latency_ms"],
                 "external_set": ext.set_name if ext else "",
                 "external_auroc": ext.values["auroc"] if ext else None,
                 "by_source": source_accuracies(path_of[row.dataset, row.method, row.seed],
@@ -210,18 +254,21 @@ def summarise(lines: Sequence[dict]) -> list[dict]:
         }
         for key, values in (
             ("acc", [r["acc"] for r in members]),
+            ("val_acc", [r.get("val_acc") for r in members]),
+            ("params", [r.get("params") for r in members]),
+            ("latency_ms", [r.get("latency_ms") for r in members]),
             ("external_auroc", [r["external_auroc"] for r in members]),
             ("gain", gains if method != "scratch" else []),
         ):
             record[f"{key}_mean"], record[f"{key}_std"], _ = aggregate.mean_std(values)
         records.append(record)
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(aggregate.METHODS)}
     return sorted(records, key=lambda r: (r["dataset"], str(r["variant"]), order[r["method"]]))
 
 
 def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Sequence[str]) -> str:
     lines = [
-        f"# Study: {study} (pretrained scenario; scratch, ws, dwskd)",
+        f"# Study: {study} (pretrained scenario; {', '.join(methods_of(records))})",
         "",
         f"- aggregated: {now_iso()}; command: `{command}`",
         *(f"- variant {v.label}: sweep `{s.name}`, student epochs {v.budget.student_epochs} "
@@ -234,17 +281,21 @@ def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Seq
         "",
         *(f"![{study}]({p})" for p in plots),
         "",
-        f"| dataset | {X_TITLES[study]} | method | n | test acc (%) | gain over scratch (points) "
-        "| external AUROC | test acc per source (%) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| dataset | {STUDIES[study].x_title} | method | n | val acc (%) | test acc (%) "
+        "| gain over scratch (points) | external AUROC | test acc per source (%) | params (M) "
+        "| latency (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in records:
         lines.append(
             f"| {r['dataset']} | {r['variant']} | {r['method']} | {r['n']} "
+            f"| {aggregate.plain(r['val_acc_mean'], r['val_acc_std'], 100)} "
             f"| {aggregate.plain(r['acc_mean'], r['acc_std'], 100)} "
             f"| {aggregate.plain(r['gain_mean'], r['gain_std'], 100)} "
             f"| {aggregate.plain(r['external_auroc_mean'], r['external_auroc_std'], 1, 3)} "
-            f"| {source_cell(r['by_source'])} |"
+            f"| {source_cell(r['by_source'])} "
+            f"| {aggregate.plain(r['params_mean'], math.nan, 1e-6, 2)} "
+            f"| {aggregate.plain(r['latency_ms_mean'], r['latency_ms_std'], 1, 2)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -253,6 +304,12 @@ def source_cell(by_source: dict[str, tuple[float, float]]) -> str:
     """``nickparvar 71.2 ± 1.0; lgg 60.3 ± 2.2`` (held-out part of each source), or –."""
     cells = [f"{k} {aggregate.plain(m, s, 100)}" for k, (m, s) in by_source.items()]
     return "; ".join(cells) or "–"
+
+
+def methods_of(records: Sequence[dict]) -> list[str]:
+    """The methods present, in the table's order."""
+    present = {r["method"] for r in records}
+    return [m for m in aggregate.METHODS if m in present]
 
 
 def figure(study: str, records: Sequence[dict]) -> Figure:
@@ -267,7 +324,7 @@ def figure(study: str, records: Sequence[dict]) -> Figure:
             (("acc", "test accuracy"), ("external_auroc", "external AUROC"))
         ):
             ax = axes[row][col]
-            for method in METHODS:
+            for method in methods_of(records):
                 own = sorted((r for r in records if r["dataset"] == dataset and r["method"] == method),
                              key=lambda r: xs.index(r["x"]))  # fmt: skip
                 points = [(r["x"] if numeric else xs.index(r["x"]), r[f"{key}_mean"],
@@ -280,7 +337,7 @@ def figure(study: str, records: Sequence[dict]) -> Figure:
             if not numeric:
                 ax.set_xticks(range(len(xs)), xs, rotation=20)
             ax.set_title(f"{dataset}: {title}", fontsize=9)
-            ax.set_xlabel(X_TITLES[study])
+            ax.set_xlabel(STUDIES[study].x_title)
             ax.legend(fontsize=7)
     return fig
 
@@ -293,7 +350,7 @@ def curves_figure(lines: Sequence[dict], label: str) -> Figure:
     for ax, dataset in zip(
         fig.subplots(1, max(len(datasets), 1), squeeze=False)[0], datasets, strict=False
     ):
-        for method in METHODS:
+        for method in methods_of(own):
             curves = [r["curve"] for r in own if r["dataset"] == dataset and r["method"] == method]
             if curves:
                 length = min(map(len, curves))
@@ -334,7 +391,7 @@ def write_results(study: str, plan, results_dir: Path, command: str) -> list[Pat
 # ------------------------------------------------------------------------------ the CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("study", choices=tuple(STUDY_DATASETS))
+    p.add_argument("study", choices=tuple(STUDIES))
     p.add_argument(
         "--values", nargs="+", help="scarcity: percents; budget: epochs; robustness: levers"
     )
@@ -354,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_progress(log)
     set_offline_env()
     args = parse_args(argv)
-    values = args.values or DEFAULT_VALUES[args.study]
+    values = args.values or STUDIES[args.study].values
     unknown = [v for v in values if args.study == "robustness" and v not in ROBUSTNESS_LEVERS]
     if unknown:
         raise SystemExit(f"--values {unknown}: the robustness levers are {list(ROBUSTNESS_LEVERS)}")

@@ -117,9 +117,16 @@ class Settings:
     archive: Path | None = None  # experiments/results/runs/<name>: committed metrics of runs
     extra: tuple[str, ...] = ()
     launch: Launch = Launch()  # Hydra's launcher for every phase
+    # Another sweep whose teachers this one's students use (a study that varies only the
+    # students shares the table's teachers): its teacher jobs, not copies of them.
+    teachers: Settings | None = None
 
     def archives(self) -> list[Archive]:
-        return [Archive(self.out, self.archive)] if self.archive else []
+        own = [Archive(self.out, self.archive)] if self.archive else []
+        return own + (self.teachers.archives() if self.teachers else [])
+
+    def teacher_sweep(self) -> Settings:
+        return self.teachers or self
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ def epoch_overrides(method: str, budget: Budget) -> list[str]:
 
 
 def teacher_job_dir(settings: Settings, scenario: str, dataset: str, seed: int) -> Path:
-    return run_dir(settings.out, scenario, dataset, "teacher", seed)
+    return run_dir(settings.teacher_sweep().out, scenario, dataset, "teacher", seed)
 
 
 def source_dataset(settings: Settings, dataset: str) -> str:
@@ -249,6 +256,8 @@ def job_overrides(
 
 
 def make_job(settings: Settings, scenario: str, dataset: str, method: str, seed: int) -> Job:
+    if method == "teacher" and settings.teachers is not None:
+        return make_job(settings.teachers, scenario, dataset, method, seed)
     teacher, weights = teacher_overrides(settings, scenario, dataset, method, seed)
     overrides = job_overrides(
         dataset, method, seed, settings.budget, settings.device, *teacher, *settings.extra

@@ -157,8 +157,8 @@ def test_study_results_table_and_plot_from_runs(tmp_path: Path) -> None:
         plan.append((variant, settings))
     paths = evidence.write_results("scarcity", plan, tmp_path / "results", "cmd")
     text = paths[0].read_text()
-    assert "| brain | f20 | ws | 2 | 75.0 ± 7.1 | 25.0 ± 7.1 | – |" in text
-    assert "| brain | f100 | scratch | 2 | 50.0 ± 0.0 | – | 0.600 ± 0.000 |" in text
+    assert "| brain | f20 | ws | 2 | – | 75.0 ± 7.1 | 25.0 ± 7.1 | – |" in text
+    assert "| brain | f100 | scratch | 2 | – | 50.0 ± 0.0 | – | 0.600 ± 0.000 |" in text
     assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000
 
 
@@ -184,3 +184,30 @@ def test_a_table_names_its_code_version_and_flags_a_mix() -> None:
     mixed = aggregate.code_lines({"abc1234567": 70, "def7654321 (dirty)": 2})
     assert mixed[0].startswith("- **code: mixed or uncommitted versions**")
     assert "`def7654321 (dirty)` (2 runs)" in mixed[0]
+
+
+def test_temperature_and_depth_sweeps_share_the_tables_teachers(tmp_path: Path) -> None:
+    """Only the students vary: their teacher jobs are the table's (one run dir, one config)."""
+    import argparse
+
+    from experiments import evidence, launch, paper
+    from tests.test_experiments import UNION_LABELS, write_pretrained_teacher
+
+    t1, t2, t4, t8 = evidence.variants("temperature", ["8", "1", "4", "2"])
+    assert t4.shared() and t2.extra == ("method.distill.temperature=2",)
+    d4, *_, d12 = evidence.variants("depth", ["4", "6", "9", "12"])
+    assert d12.shared() and d4.extra == ("model.depth=4",)
+    teacher = write_pretrained_teacher(tmp_path / "union.safetensors", UNION_LABELS)
+    args = argparse.Namespace(
+        datasets=["synthetic"], seeds=[1], device="cpu", pretrained_teacher=teacher,
+        results_dir=tmp_path / "results",
+    )  # fmt: skip
+    settings = evidence.settings_of("temperature", t2, args, launch.Launch())
+    table = evidence.settings_of("temperature", t4, args, launch.Launch())
+    assert settings.methods == ("dwskd",) and table.name == "paper_pretrained"
+    jobs = {j.method: j for j in paper.plan_jobs(settings)}
+    shared = {j.method: j for j in paper.plan_jobs(table)}
+    assert jobs["teacher"] == shared["teacher"]  # same dir and overrides: trained once
+    assert jobs["dwskd"].teacher_file == paper.teacher_weights(shared["teacher"].run_dir)
+    assert "method.distill.temperature=2" in jobs["dwskd"].overrides
+    assert {a.root.name for a in settings.archives()} == {"temperature_t2", "paper_pretrained"}
