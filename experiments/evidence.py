@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from dwskd import exported
 from dwskd.machine import now_iso
-from dwskd.runs import read_results
+from dwskd.runs import RunLayout, read_results
 from experiments import aggregate, external_table, paper
 from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress
 from experiments.launch import Launch, add_launch_argument, split_launch
@@ -82,6 +83,7 @@ class Variant:
     datasets: tuple[
         tuple[str, str], ...
     ] = ()  # (dataset, the data config it becomes); others dropped
+    teacher_file: Path | None = None  # the pretrained teacher, when not the table's
 
     def data_of(self, datasets: Sequence[str]) -> tuple[str, ...]:
         """The variant's datasets: all of them, or those it replaces, replaced."""
@@ -131,6 +133,11 @@ def variants(study: str, values: Sequence[str]) -> list[Variant]:
         return knob_variants("t", "method.distill.temperature", values, TABLE_TEMPERATURE)
     if study == "depth":
         return knob_variants("d", "model.depth", values, TABLE_DEPTH)
+    if study == "teacher_size":
+        return [
+            Variant(a, a, paper.FULL, (f"teacher={a}",), teacher_file=union_teacher_file(a))
+            for a in values
+        ]
     return [Variant(name, name, paper.FULL, *ROBUSTNESS_LEVERS[name]) for name in values]
 
 
@@ -156,7 +163,30 @@ STUDIES = {
     # The design card's sweeps (issue "Sweeps and dashboards"): SKD temperature, student depth.
     "temperature": StudySpec(TWO_TASKS, ("dwskd",), "SKD temperature", ("1", "2", "4", "8"), True),
     "depth": StudySpec(TWO_TASKS, ("ws", "dwskd"), "student depth", ("4", "6", "9", "12"), True),
+    # Union-pretrained ViT-T/S/B teachers, one recipe (UNION_EPOCHS); ViT-T students of each.
+    "teacher_size": StudySpec(
+        TWO_TASKS, ("ws", "dwskd", "teacher"), "teacher", ("vit_tiny", "vit_small", "vit_base")
+    ),
 }  # fmt: skip
+UNION_EPOCHS = 20  # every size the same epochs (the shared ViT-S file had 60, on a GPU)
+UNION_ROOT = "teacher_size_union"
+
+
+def union_teacher_job(arch: str, device: str, epochs: int = UNION_EPOCHS) -> paper.Job:
+    """A teacher of one size pretrained on the union of the three tasks (data=medunion),
+    the way the shared ViT-S was made, but on the paper's CPU budget and ``epochs``."""
+    extra = (f"teacher={arch}", "teacher.source=fit", f"method.epochs.teacher={epochs}")
+    overrides = paper.job_overrides("medunion", "teacher", 1, paper.FULL, device, *extra)
+    run_dir = REPO / "outputs" / UNION_ROOT / "union" / "medunion" / "teacher" / arch
+    return paper.Job("union", "medunion", "teacher", 1, run_dir, overrides)
+
+
+def union_teacher_file(arch: str) -> Path:
+    """Its export (label names beside it in config.json, for teacher.head=match)."""
+    layout = RunLayout(union_teacher_job(arch, "cpu").run_dir)
+    return layout.export_dir("teacher") / exported.WEIGHTS_FILE
+
+
 # The table's values (a variant with them is the table's own run): method.distill.temperature
 # (conf/method/_base.yaml) and the ViT-T depth (conf/model/vit_tiny.yaml).
 TABLE_TEMPERATURE, TABLE_DEPTH = 4, 12
@@ -191,7 +221,7 @@ def settings_of(
         device=args.device,
         out=(REPO / "outputs" / name).resolve(),
         transfer_source=paper.TRANSFER_SOURCE,
-        pretrained_teacher=paper.pretrained_file(args.pretrained_teacher),
+        pretrained_teacher=variant.teacher_file or paper.pretrained_file(args.pretrained_teacher),
         archive=(args.results_dir / "runs" / name).resolve(),
         extra=variant.extra,
         launch=launch,
@@ -389,6 +419,22 @@ def write_results(study: str, plan, results_dir: Path, command: str) -> list[Pat
 
 
 # ------------------------------------------------------------------------------ the CLI
+def union_teachers(archs: Sequence[str], args: argparse.Namespace, launch: Launch) -> list:
+    """Train the union teachers first (hours: ViT-B 20 epochs at 64 px ~ 2.5 h on 2 cores).
+
+    Archived metrics do not skip them: their weights are not committed and the students need
+    them; a live finished run dir does. Their metrics are archived for the record.
+    """
+    jobs = [union_teacher_job(a, args.device) for a in archs]
+    root = REPO / "outputs" / UNION_ROOT
+    if args.dry_run:
+        print("# union teachers\n" + paper.plan_listing(jobs))
+        return []
+    failed = paper.run_jobs(jobs, launch, root)
+    paper.Archive(root, (args.results_dir / "runs" / UNION_ROOT).resolve()).store_all()
+    return failed
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("study", choices=tuple(STUDIES))
@@ -423,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(v, settings_of(args.study, v, args, launch)) for v in variants(args.study, values)]
     command = invocation("experiments.evidence", None if argv is None else list(argv))
     failed: list[paper.Job] = []
+    if args.study == "teacher_size" and not args.aggregate_only:
+        failed += union_teachers(values, args, launch)
     for variant, settings in plan:
         jobs = paper.plan_jobs(settings)
         if args.dry_run:

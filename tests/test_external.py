@@ -211,3 +211,17 @@ def test_temperature_and_depth_sweeps_share_the_tables_teachers(tmp_path: Path) 
     assert jobs["dwskd"].teacher_file == paper.teacher_weights(shared["teacher"].run_dir)
     assert "method.distill.temperature=2" in jobs["dwskd"].overrides
     assert {a.root.name for a in settings.archives()} == {"temperature_t2", "paper_pretrained"}
+
+
+def test_teacher_size_trains_union_teachers_with_one_recipe_and_selects_from_each() -> None:
+    from experiments import evidence, paper
+
+    jobs = [evidence.union_teacher_job(a, "cpu") for a in ("vit_tiny", "vit_base")]
+    for job, arch in zip(jobs, ("vit_tiny", "vit_base"), strict=True):
+        assert f"teacher={arch}" in job.overrides and "data=medunion" in job.overrides
+        assert f"method.epochs.teacher={evidence.UNION_EPOCHS}" in job.overrides
+    assert [j.overrides[4:] for j in jobs][0][:2] == [j.overrides[4:] for j in jobs][1][:2]
+    base = evidence.variants("teacher_size", ["vit_base"])[0]
+    assert base.extra == ("teacher=vit_base",) and not base.shared()
+    assert base.teacher_file == evidence.union_teacher_file("vit_base")
+    assert base.teacher_file.parent.name == "teacher" and base.budget == paper.FULL
