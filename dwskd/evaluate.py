@@ -23,10 +23,8 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dwskd import runs
@@ -40,6 +38,9 @@ from dwskd.inference import (
     load,
     run_model,
 )
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
+    import torch
 
 INTERVAL_METRICS = ("acc", "balanced_acc", "auroc")
 METRIC_NAMES = {
@@ -105,6 +106,8 @@ class Task:
         Renormalising restricts the model to the classes present, as a softmax over their
         logits alone would (the usual practice for label subsets, e.g. ImageNet-R).
         """
+        import torch
+
         probs = torch.stack([model_probs[:, list(m)].sum(dim=1) for m in self.members], dim=1)
         if self.dropped:
             probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
@@ -246,6 +249,39 @@ def positive_index(task: Task, positive_class: Any) -> int | None:
 
 
 # ------------------------------------------------------------------------- inputs and options
+def check_options(cfg: DictConfig) -> None:
+    """Refuse option values that cannot work, naming them, before any model is loaded.
+
+    Why here: a bad value used to surface only deep inside the work, as an IndexError of
+    the bootstrap or a torchmetrics error that named no option.
+    """
+    check_policy(cfg.data.bad_images, "data.bad_images")
+    at_least_one = "an integer >= 1"
+    _require("calibration_bins", cfg.calibration_bins, int, 1, f"{at_least_one} (default 15)")
+    _require(
+        "bootstrap.resamples",
+        cfg.bootstrap.resamples,
+        int,
+        1,
+        f"{at_least_one} (default 1000; e.g. 200 for quicker, coarser intervals)",
+    )
+    _require("bootstrap.seed", cfg.bootstrap.seed, int, 0, "an integer >= 0")
+    level = cfg.bootstrap.level
+    if not (isinstance(level, int | float) and 0 < level < 1):
+        raise EvaluationError(f"bootstrap.level={level!r} must be in (0, 1), e.g. 0.95.")
+    _require("saliency", cfg.saliency, int, 0, "an integer >= 0 (0: no saliency maps)")
+    _require("batch_size", cfg.batch_size, int, 1, at_least_one)
+    if cfg.out is not None:
+        runs.check_writable(Path(str(cfg.out)), "out")
+    else:
+        runs.check_writable(Path(str(cfg.output_root)), "output_root")
+
+
+def _require(option: str, value: Any, kind: type, minimum: int, what: str) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or value < minimum:
+        raise EvaluationError(f"{option}={value!r} must be {what}.")
+
+
 def check_preprocessing(data: DictConfig, preprocessing: Any, allow_resize: bool) -> dict:
     """Refuse ``data.img_size``/``data.channels`` that differ from the model's, unless allowed.
 
@@ -352,6 +388,8 @@ def _bootstrap_metrics(k: int) -> dict[str, Any]:
 def single_thread() -> Iterator[None]:
     """Run torch on one thread: metrics of a few thousand values gain nothing from intra-op
     threads, and on a small machine waking them costs more than the work (10x on 2 cores)."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -368,6 +406,9 @@ def bootstrap_intervals(
     Resampling is stratified by true class: every resample holds every class as often as
     the test set does, so balanced accuracy and AUROC are defined in each of them.
     """
+    import numpy as np
+    import torch
+
     rng = np.random.default_rng(int(options.seed))
     labels = targets.numpy()
     by_class = [np.flatnonzero(labels == c) for c in range(probs.shape[1])]
@@ -396,6 +437,8 @@ def reliability_bins(probs, targets, positive: int | None, n_bins: int) -> list[
     Observed rate: accuracy (multiclass, top label) or fraction positive (binary), the two
     quantities the ECE compares. Confidence 1.0 falls in the last bin.
     """
+    import torch
+
     confidence, hit = _confidence(probs, targets, positive)
     confidence = confidence.float().contiguous()
     edges = torch.linspace(0, 1, n_bins + 1)
@@ -633,6 +676,8 @@ def predict_folder(
     cfg: DictConfig, loaded: LoadedModel, files: Mapping[str, list[Path]], task: Task
 ) -> tuple[Predictions, torch.Tensor]:
     """Predict every image; return the predictions and task targets of the readable ones."""
+    import torch
+
     paths = [p for c in files for p in files[c]]
     labels = [task.classes.index(c) for c in files for _ in files[c]]
     predictions = run_model(
@@ -720,6 +765,8 @@ def write_saliency(
 
     The map explains the true class when that is one model class, else the predicted one.
     """
+    import torch
+
     from dwskd.data.folder import read_image
     from dwskd.data.transforms import eval_transform
     from dwskd.saliency import write_overlays
@@ -762,7 +809,7 @@ def summary(results: Mapping[str, Any], out: Path) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.data.root`` and write ``out``; every check comes first."""
-    check_policy(cfg.data.bad_images, "data.bad_images")
+    check_options(cfg)
     loaded = load(cfg.model, cfg.model_name)
     preprocessing = check_preprocessing(cfg.data, loaded.preprocessing, bool(cfg.allow_resize))
     preprocessing.update(mean=list(loaded.preprocessing.mean), std=list(loaded.preprocessing.std))

@@ -28,6 +28,7 @@ import contextlib
 import datetime as dt
 import importlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dwskd import exported
+from dwskd import exported, runs
 from dwskd.commands import hydra_main
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
@@ -69,6 +70,7 @@ def check_request(out: Path, fmt: str) -> None:
         raise FileExistsError(
             f"{out} already exists; refusing to overwrite it. Choose another out= path."
         )
+    runs.check_writable(out, "out")
 
 
 def require_onnx(check: bool) -> None:
@@ -252,7 +254,7 @@ def write_torchscript(
     with _quiet_torchscript(), torch.no_grad():
         traced = torch.jit.trace(model, (example,))
         files = {f"{key}.json": text for key, text in _as_json(meta).items()}
-        torch.jit.save(traced, str(path), _extra_files=files)
+        _save_via_memory(path, lambda f: torch.jit.save(traced, f, _extra_files=files))
 
 
 def write_torch_export(
@@ -263,7 +265,18 @@ def write_torch_export(
 
     program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
     files = {f"{key}.json": text for key, text in _as_json(meta).items()}
-    torch.export.save(program, str(path), extra_files=files)
+    _save_via_memory(path, lambda f: torch.export.save(program, f, extra_files=files))
+
+
+def _save_via_memory(path: Path, save: Callable[[io.BytesIO], None]) -> None:
+    """Serialise into memory, then write the file from Python.
+
+    Why: torch's archive writer aborts the whole process (SIGABRT, a 5 MB temporary file
+    left) when the disk fills; a Python write raises ENOSPC, which dwskd reports and cleans up.
+    """
+    buffer = io.BytesIO()
+    save(buffer)
+    Path(path).write_bytes(buffer.getbuffer())
 
 
 WRITERS = {"onnx": write_onnx, "torchscript": write_torchscript, "torch_export": write_torch_export}
@@ -361,14 +374,15 @@ def export_model(
     pre = meta["preprocessing"]
     shape = (pre["in_chans"], pre["img_size"], pre["img_size"])
     example = torch.randn(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    try:
+    diffs = None
+
+    def write(tmp: Path) -> None:
+        nonlocal diffs
         WRITERS[fmt](net, example, tmp, meta, opset)
         diffs = check_parity(net, tmp, fmt, shape) if check else None
-        _publish(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())  # about
+    runs.atomic_write(out, write, size=size, publish=_publish)
     dims = ", ".join(map(str, shape))
     print(f"wrote {out} ({fmt} of {folder}): '{INPUT_NAME}' (N, {dims}) -> '{OUTPUT_NAME}'")
     return {

@@ -13,6 +13,7 @@ then goes to zero mean / unit std over its own pixels instead of the recorded me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,6 +90,10 @@ def write_model_folder(
         if weights is not None and Path(weights).is_file():
             (tmp / WEIGHTS_FILE).unlink()
             _link_or_copy(Path(weights), tmp / WEIGHTS_FILE)
+        else:  # safetensors wrote it 0600: give it the mode of any new file
+            from dwskd.runs import new_file_mode
+
+            os.chmod(tmp / WEIGHTS_FILE, new_file_mode())
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -274,27 +279,69 @@ def resolve_model_folder(path: Path, model_name: str | None = None, option: str 
     """``model=`` of the commands: a model folder, or a finished run dir (+ ``model_name``).
 
     A run dir gives its deployed model unless ``model_name`` (student_a, student_b,
-    teacher) names another of ``<run dir>/exports/``.
+    teacher) names another of ``<run dir>/exports/``. A model folder is its own model:
+    ``model_name`` naming that model is accepted, another one refused (it would be ignored).
     """
     from dwskd.runs import RunLayout, read_results
 
     path = Path(path).expanduser()
-    if (path / CONFIG_FILE).is_file() and model_name is None:
-        return path
+    if (path / CONFIG_FILE).is_file():
+        if model_name is None or model_name == _folder_model(path):
+            return path
+        raise ExportError(_model_name_on_folder(path, model_name, option))
     layout = RunLayout(path)
     if not layout.finished:
         raise ExportError(
             f"{option}={path} is neither a model folder ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a "
             "finished dwskd run dir (metrics.json). Point it at one of those."
         )
-    name = model_name or read_results(path)["deployed"]
+    results = read_results(path)
+    name = model_name or results["deployed"]
     folder = layout.export_dir(name)
     if not (folder / CONFIG_FILE).is_file():
-        exports = layout.exports_dir
-        found = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
-        if not found:
-            raise ExportError(f"{option}={path} has no exports/: an older dwskd made this run.")
-        raise ExportError(
-            f"{option}={path} has no export '{name}'; use model_name= one of {found}."
-        )
+        raise ExportError(_missing_export(layout, name, results, option))
     return folder
+
+
+def _folder_model(folder: Path) -> str:
+    """The model a folder holds (``student_a`` ...): its config's dwskd.model, else its name."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((folder / CONFIG_FILE).read_text())["dwskd"]["model"])
+    return folder.name
+
+
+def _model_name_on_folder(folder: Path, model_name: str, option: str) -> str:
+    sibling = folder.parent / model_name
+    instead = (
+        f"{option}={sibling}"
+        if (sibling / CONFIG_FILE).is_file()
+        else f"{option}=<run dir> model_name={model_name}"
+    )
+    return (
+        f"{option}={folder} is already a model folder (of '{_folder_model(folder)}'); "
+        f"model_name= picks a model of a run dir. Drop model_name={model_name}, or give "
+        f"{instead}."
+    )
+
+
+def _missing_export(layout: Any, name: str, results: Mapping[str, Any], option: str) -> str:
+    """Why a finished run has no ``exports/<name>/``: deleted, never made, or another name."""
+    exports = layout.exports_dir
+    found = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
+    made = sorted((results.get("run") or {}).get("exports") or {})  # what the run exported
+    where = f"{option}={layout.root}"
+    if not found and not made:
+        return f"{where} has no exports/: an older dwskd made this run."
+    recover = (
+        "Copy it back from the original run dir (or a backup), or point "
+        f"{option}= at another finished run or an exports/<model>/ folder."
+    )
+    if not exports.is_dir():
+        return (
+            f"{where} is a finished run whose exports/ folder is missing (deleted, or the run "
+            f"was copied without it; the run made {made}). {recover}"
+        )
+    if name in made and name not in found:
+        others = f" Or use model_name= one of {found}." if found else ""
+        return f"{where} is missing exports/{name}/, which the run made. {recover}{others}"
+    return f"{where} has no export '{name}'; use model_name= one of {found or made}."

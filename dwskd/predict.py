@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> Predictions:
     """Predict ``cfg.input`` with ``cfg.model`` and write ``cfg.out`` (checks come first)."""
     out = Path(cfg.out).expanduser()
     refuse_existing(out)
+    runs.check_writable(out, "out")
     check_policy(cfg.bad_images)
     files = list_inputs(cfg.input)
     loaded = load(cfg.model, cfg.model_name)

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from dwskd import CONFIG_DIR  # noqa: E402  (conf/ of a checkout, dwskd/conf/ of a wheel)
+from dwskd.commands import plain_user_errors  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def main(cfg: DictConfig) -> float | None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     command = " ".join(["python -m dwskd.run", *HydraConfig.get().overrides.task])
-    results = run_pipeline(cfg, out_dir, command=command, hydra_files=hydra_files(cfg))
+    with plain_user_errors():  # a refusal prints its message, not a traceback
+        results = run_pipeline(cfg, out_dir, command=command, hydra_files=hydra_files(cfg))
     if not results:
         return None
     value = optimized_value(results, cfg.optimized_metric)

@@ -14,20 +14,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from dwskd import CONFIG_DIR
-from dwskd.models import ModelConfigError, create_hub_model, create_model, load_weights_file
-from dwskd.selection import (
-    SelectionPlan,
-    SelectionRecipe,
-    initialize_from_teacher,
-    plan_sidecar,
-    save_selection,
-)
+from dwskd import CONFIG_DIR, runs
+from dwskd.commands import plain_user_errors
+
+if TYPE_CHECKING:  # torch and timm load where they are used: --help stays instant
+    from torch import nn
+
+    from dwskd.selection import SelectionPlan, SelectionRecipe
 
 log = logging.getLogger(__name__)
 _TEACHER_SOURCES = ("hub", "file", "random")
@@ -35,11 +33,15 @@ _TEACHER_SOURCES = ("hub", "file", "random")
 
 def recipe_from_config(selection: DictConfig) -> SelectionRecipe:
     """The ``selection:`` config block as a recipe (lists become plain Python lists)."""
+    from dwskd.selection import SelectionRecipe
+
     return SelectionRecipe(**OmegaConf.to_container(selection, resolve=True))
 
 
 def load_teacher(cfg: DictConfig) -> tuple[nn.Module, bool]:
     """Create the teacher with its weights; also say whether its head is trained for our labels."""
+    from dwskd.models import ModelConfigError, create_hub_model, create_model, load_weights_file
+
     teacher_cfg, source = cfg.teacher, cfg.teacher.source
     sizes = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
     if source == "hub":
@@ -76,6 +78,9 @@ def teacher_provenance(cfg: DictConfig) -> dict[str, str | None]:
 
 def refuse_existing(out: Path) -> None:
     """Never overwrite earlier results: fail before any work is done."""
+    from dwskd.models import ModelConfigError
+    from dwskd.selection import plan_sidecar
+
     if out.suffix != ".safetensors":
         raise ModelConfigError(f"out={out} must end in .safetensors.")
     for path in (out, plan_sidecar(out)):
@@ -83,10 +88,14 @@ def refuse_existing(out: Path) -> None:
             raise FileExistsError(
                 f"{path} already exists; refusing to overwrite it. Choose another out= path."
             )
+    runs.check_writable(out, "out")
 
 
 def run(cfg: DictConfig) -> SelectionPlan:
     """Select the student configured by ``cfg`` from its teacher and write it to ``cfg.out``."""
+    from dwskd.models import create_model
+    from dwskd.selection import initialize_from_teacher, save_selection
+
     out = Path(cfg.out)
     refuse_existing(out)
     recipe = recipe_from_config(cfg.selection)
@@ -112,7 +121,8 @@ def run(cfg: DictConfig) -> SelectionPlan:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="select", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
+    with plain_user_errors():
+        run(cfg)
 
 
 def main() -> None:

@@ -452,11 +452,14 @@ def save_selection(path: Path, state: Mapping[str, Tensor], plan: SelectionPlan)
             raise FileExistsError(
                 f"{existing} already exists; refusing to overwrite it. Choose another out= path."
             )
+    from dwskd.runs import atomic_write, write_text
+
     plan_json = json.dumps(plan.to_dict(), indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"selection_plan": plan_json})
-    sidecar.write_text(plan_json + "\n")
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
+    metadata = {"selection_plan": plan_json}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), size=size)
+    write_text(sidecar, plan_json + "\n")
 
 
 def read_selection_plan(path: Path) -> dict:

@@ -27,8 +27,24 @@ def two_seed_multirun(tmp_path: Path, *launcher: str) -> list[Path]:
     return reports
 
 
-def test_multirun_of_two_jobs_writes_two_reports(tmp_path: Path) -> None:
-    two_seed_multirun(tmp_path)
+def test_multirun_of_two_jobs_writes_two_reports_and_a_relaunch_skips_them(
+    tmp_path: Path,
+) -> None:
+    """The same multirun again: both finished jobs return their recorded metric (nothing runs
+    again), and the first launch's multirun.yaml is kept beside the new one."""
+    reports = two_seed_multirun(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in reports}
+    sweep_dir = reports[0].parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
+    again = ["method=scratch", "seed=1,2", "eval.latency=false", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "dwskd.run", "-m", *again, f"paths.output_root={tmp_path}", *TINY]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in reports} == before  # skipped, not run again
+    assert (
+        len(list(sweep_dir.glob("multirun.*.yaml"))) == 1
+        and (sweep_dir / "multirun.yaml").is_file()
+    )
 
 
 def test_slurm_launcher_and_sweep_presets_compose() -> None:
