@@ -1,9 +1,10 @@
-"""The LightningModule: one or two students that distill into each other, plus EMA teachers.
+"""The LightningModule: one or two students, their EMA teachers, a frozen teacher; one objective.
 
-Every method is this module with other settings: a single student with all KD weights at
-zero is plain CE training (scratch, ws, teacher, fine-tune); two students with ``alpha`` is
-deep mutual learning; adding ``beta`` gives the EMA auxiliary teacher of dwskd; ``gamma``
-with a frozen ``teacher`` gives Hinton KD. Loss math lives in :mod:`dwskd.distill`.
+Every method is this module with another :class:`~dwskd.objectives.Objective` (CE, mutual
+learning, SKD + EMA, teacher KD): the objective computes the named loss terms, the module
+sums ``weight · term`` per student, logs each term and the metrics, updates the EMA copies and
+evaluates. Loss math lives in :mod:`dwskd.distill`, which terms a method has in
+:mod:`dwskd.objectives`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from dwskd import distill
+from dwskd import distill, objectives
 from dwskd.distill import DistillOptions
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
 
@@ -35,7 +36,13 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class DistillModule(L.LightningModule):
-    """Trains ``students`` jointly; logs each loss term per student; validates each and their ensemble.
+    """Trains ``students`` on ``objective``; logs each loss term per student; validates each and
+    their ensemble.
+
+    ``stage`` names the stage in checkpoints and ``lr`` is its learning rate (both from the
+    pipeline's ``StageSpec``); a module built only to evaluate has neither. ``options`` alone
+    (benchmarks, tests) stands for the objective those options imply
+    (:func:`dwskd.objectives.implied_by`).
 
     The EMA copies and the frozen teacher have ``requires_grad=False``: they are never in the
     optimiser, DDP does not all-reduce them, and because every rank applies the same EMA update
@@ -52,11 +59,12 @@ class DistillModule(L.LightningModule):
         self,
         students: Sequence[nn.Module],
         *,
-        stage: str,
         class_names: Sequence[str],
-        options: DistillOptions,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        lr: float,
+        objective: objectives.Objective | None = None,
+        options: DistillOptions | None = None,
+        stage: str | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr: float | None = None,
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.01,
         teacher: nn.Module | None = None,
@@ -65,14 +73,19 @@ class DistillModule(L.LightningModule):
         compile_students: bool = False,
     ) -> None:
         super().__init__()
-        self.stage, self.options = stage, options
+        if objective is None:
+            objective = objectives.implied_by(options or DistillOptions().cross_entropy_only())
+        self.stage, self.objective = stage, objective
         self.students = nn.ModuleList(students)
         self.names = list(STUDENT_NAMES[: len(students)])
-        self.use_ema = options.beta > 0
+        self.use_ema = objective.uses_ema
         self.ema = nn.ModuleList(_frozen_copy(s) for s in students) if self.use_ema else None
-        if options.gamma > 0 and teacher is None:
-            raise ValueError("method.distill.gamma > 0 (KD from the teacher) needs a teacher model")
-        self.teacher = _frozen_copy(teacher) if teacher is not None and options.gamma > 0 else None
+        if objective.uses_teacher and teacher is None:
+            raise ValueError(
+                f"The {type(objective).__name__} objective (method.distill.gamma > 0, KD from the "
+                "teacher) needs a teacher model"
+            )
+        self.teacher = _frozen_copy(teacher) if objective.uses_teacher else None
         self.class_names = list(class_names)
         self.optimizer_factory, self.lr = optimizer, lr
         self.warmup_fraction, self.min_lr_ratio = warmup_fraction, min_lr_ratio
@@ -115,61 +128,34 @@ class DistillModule(L.LightningModule):
             return [x[:, i % x.shape[1]] for i in range(len(self.students))]
         return [x] * len(self.students)
 
-    def _ema_targets(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        if not self.use_ema:
-            return None
-        with torch.no_grad():
-            # The auxiliary teacher of student i looks at the partner's view (a consistency
-            # target across augmentations); with one view both are the same batch.
-            other = [views[(i + 1) % len(views)] for i in range(len(views))]
-            logits = [ema(v) for ema, v in zip(self.ema, other, strict=True)]
-        if self.options.ema_target == "ensemble":
-            mean = torch.stack(logits).mean(0)
-            return [mean] * len(logits)
-        return logits
-
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
+        """The objective's terms, summed per student (``Σ weight · term``) and over students.
+
+        Logged per student: every term, ``total`` and ``acc`` (a metric, never a loss term).
+        """
         x, y = batch
-        views = self._views(x)
-        logits = [s(v) for s, v in zip(self._forwards(), views, strict=True)]
-        opts = self.options
-        terms = distill.skd_losses(
-            logits,
-            y if opts.labels else None,
-            alpha=opts.alpha,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            ema_logits=self._ema_targets(views),
-            class_weights=self.class_weights,
-            label_smoothing=opts.label_smoothing,
-        )
-        if self.teacher is not None:
-            self._add_teacher_kd(terms, logits, views)
-        for term, z in zip(terms, logits, strict=True):
-            term["acc"] = (z.argmax(1) == y).float().mean()
-        log = {
-            f"train/{n}/{k}": v.detach()
-            for n, t in zip(self.names, terms, strict=True)
-            for k, v in t.items()
-        }
+        models = objectives.Models(self._forwards(), self.ema, self.teacher)
+        out = self.objective(models, self._views(x), y, self.class_weights)
+        weights = self.objective.weights
+        log: dict[str, torch.Tensor] = {}
+        totals = []
+        for name, terms, z in zip(self.names, out.losses, out.logits, strict=True):
+            total = sum(weights[term] * value for term, value in terms.items())
+            totals.append(total)
+            log.update({f"train/{name}/{term}": v.detach() for term, v in terms.items()})
+            log[f"train/{name}/total"] = total.detach()
+            log[f"train/{name}/acc"] = (z.argmax(1) == y).float().mean()
         self.log_dict(log, on_step=True, on_epoch=True, batch_size=y.shape[0])
-        total = sum(t["total"] for t in terms)
+        total = sum(totals)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=y.shape[0])
         return total
-
-    def _add_teacher_kd(self, terms: list[dict], logits: list[torch.Tensor], views: list) -> None:
-        with torch.no_grad():
-            teacher_logits = self.teacher(views[0])
-        for term, z in zip(terms, logits, strict=True):
-            term["teacher_kd"] = distill.kd_loss(z, teacher_logits, self.options.temperature)
-            term["total"] = term["total"] + self.options.gamma * term["teacher_kd"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.use_ema:
             return
-        opts = self.options
+        opts = self.objective.options
         momentum = distill.ema_momentum(
             self.global_step, self.total_steps, opts.ema_momentum, opts.ema_final, opts.ema_schedule
         )
@@ -215,7 +201,11 @@ class DistillModule(L.LightningModule):
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Name the stage and models in every .ckpt so a resume can check it belongs here."""
-        checkpoint["dwskd"] = {"stage": self.stage, "models": list(self.names)}
+        checkpoint["dwskd"] = {
+            "stage": self.stage,
+            "models": list(self.names),
+            "objective": type(self.objective).__name__,
+        }
         if self.teacher is not None:  # the frozen teacher has its own export: not copied again
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("teacher.")]:
@@ -228,6 +218,8 @@ class DistillModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None or self.lr is None:
+            raise RuntimeError("This DistillModule was built to evaluate: it has no optimizer/lr")
         params = [p for p in self.students.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params, lr=self.lr)
         # Stored once: the LR schedule and the EMA momentum schedule share the step count.

@@ -8,10 +8,47 @@ import shlex
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from dwskd import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "experiments" / "results"
 METHODS = ("scratch", "ws", "kd", "dml", "dwskd", "teacher")  # table order
-TEACHER_FREE = ("scratch", "dml")  # never load a teacher: one run serves both scenarios
+
+
+def method_config(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` as ``method=<name>`` composes it: merged over the files its
+    ``defaults`` list names (``_base``), ``_self_`` where it stands (last when absent).
+
+    Why: what a method trains (``students``, ``needs_teacher``, its objective) is stated once,
+    in its YAML; experiments read it from there instead of keeping their own lists.
+    """
+    folder = Path(CONFIG_DIR) / "method"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+        raise ValueError(f"method={name}: no {path}; the methods are {known}")
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", []))
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    return OmegaConf.merge(*(own if d == "_self_" else method_config(d) for d in defaults))
+
+
+def needs_teacher(method: str) -> bool:
+    """Whether a run of ``method`` builds or loads the large teacher (method=teacher is one)."""
+    config = method_config(method)
+    return bool(config.needs_teacher) or not config.students
+
+
+def method_students(method: str) -> int:
+    """How many students ``method`` trains (2: jointly, then the better one is fine-tuned)."""
+    return int(method_config(method).students)
+
+
+# Never load a teacher: one run serves every teacher scenario (scratch, dml).
+TEACHER_FREE = tuple(m for m in METHODS if not needs_teacher(m))
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 

@@ -45,6 +45,7 @@ from experiments.common import (
     RESULTS_DIR,
     TEACHER_FREE,
     invocation,
+    method_students,
     set_offline_env,
     show_progress,
 )
@@ -173,7 +174,7 @@ def epoch_overrides(method: str, budget: Budget) -> list[str]:
     """Per-stage epochs (never trainer.max_epochs: it would retrain the shared teacher)."""
     if method == "teacher":
         return []  # set by teacher_overrides: in-domain and transfer teachers differ
-    if method in ("dml", "dwskd"):
+    if method_students(method) >= 2:  # joint training, then the deployed one is fine-tuned
         train = budget.student_epochs - budget.finetune_epochs
         return [f"method.epochs.train={train}", f"method.epochs.finetune={budget.finetune_epochs}"]
     return [f"method.epochs.train={budget.student_epochs}", "method.epochs.finetune=0"]
