@@ -21,20 +21,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import exported, external, models, runs, selection, training
+from dwskd import exported, external, models, objectives, runs, selection, training
 from dwskd.distill import DistillOptions
-from dwskd.loggers import log_results, stage_loggers, wandb_group
+from dwskd.loggers import run_names
 from dwskd.machine import git_commit, machine_info, package_versions
 from dwskd.metrics import positive_class_summary, scalar_only, subset_summary
 from dwskd.module import DistillModule
+from dwskd.objectives import Objective
 from dwskd.report import write_run_report
-from dwskd.runs import RunDirectory, StageOutput, StageRunner
+from dwskd.runs import RunDirectory, StageOutput, StageRunner, StageSpec
 
 log = logging.getLogger(__name__)
 
 TEACHER_SOURCES = ("hub", "file", "fit", "random")
 TEACHER_HEADS = ("auto", "reinit", "match")
 REPORT_NAMES = ("student_a", "student_b")
+# The method.epochs / method.lr entry each stage role reads (runs.STAGE_ROLES names the roles).
+ROLE_SETTINGS = {"teacher": "teacher", "students": "train", "finetune": "finetune"}
 
 
 @dataclass
@@ -46,50 +49,65 @@ class Context:
     runner: StageRunner
     lightning: training.LightningFactories
     options: DistillOptions
+    objective: Objective  # the method's (method.objective), for the students' joint training
     datamodule: Any
     shape: dict[str, int]
     pending_ckpt: str | None = None
 
+    def spec(self, stage: str, epochs: int | None = None) -> StageSpec:
+        """A training stage as data: role and seed offset from runs.py, epochs and lr from
+        ``method.epochs`` / ``method.lr`` of its role (``epochs`` given: those instead)."""
+        key = ROLE_SETTINGS[runs.STAGE_ROLES[stage]]
+        epochs = stage_epochs(self.cfg, key) if epochs is None else epochs
+        return StageSpec.of(stage, epochs, float(self.cfg.method.lr[key]))
+
+    def plain(self) -> Objective:
+        """Cross-entropy with the method's label smoothing: teacher, fine-tune, evaluation."""
+        return objectives.CrossEntropy(self.options.cross_entropy_only())
+
     def module(
         self,
         students: list[nn.Module],
-        stage: str,
-        options: DistillOptions,
+        spec: StageSpec | None,
+        objective: Objective,
         teacher: nn.Module | None = None,
-        trains_students: bool = False,
     ) -> DistillModule:
-        """The stage's LightningModule; a sub-step (``teacher_probe``) uses its stage's lr.
-
-        ``trains_students``: the train / fine-tune stages, whose models ``model.compile``
-        compiles (not the teacher's fit, nor evaluation-only modules).
-        """
+        """The LightningModule of training stage ``spec``, or (``spec=None``) one that only
+        evaluates. ``model.compile`` compiles the students of the train / fine-tune stages
+        (not the teacher's fit, nor evaluation-only modules)."""
         cfg, dm = self.cfg, self.datamodule
         balance = cfg.data.get("balance", "none") == "loss"
+        compiles = spec is not None and spec.role != "teacher" and cfg.model.get("compile", False)
         return DistillModule(
             students,
-            stage=stage,
             class_names=dm.class_names,
-            options=options,
-            optimizer=instantiate(cfg.optimizer),
-            lr=float(cfg.method.lr[stage.split("_")[0]]),
+            objective=objective,
+            stage=None if spec is None else spec.name,
+            optimizer=None if spec is None else instantiate(cfg.optimizer),
+            lr=None if spec is None else spec.lr,
             warmup_fraction=cfg.scheduler.warmup_fraction,
             min_lr_ratio=cfg.scheduler.min_lr_ratio,
             teacher=teacher,
             class_weights=dm.class_weights() if balance else None,
             monitor=(self.lightning.monitor.metric, self.lightning.monitor.mode),
-            compile_students=trains_students and bool(cfg.model.get("compile", False)),
+            compile_students=bool(compiles),
         )
 
-    def fit(self, stage: str, module: DistillModule, epochs: int | None = None) -> dict[str, Any]:
+    def fit(self, spec: StageSpec, module: DistillModule) -> dict[str, Any]:
         """Train one stage for its epochs from its own seed; returns what to record."""
         ckpt, self.pending_ckpt = self.pending_ckpt, None
-        epochs = stage_epochs(self.cfg, stage) if epochs is None else epochs
-        seed = self.runner.seed_of(stage)
-        self.datamodule.loader_seed = seed
+        seed = self.datamodule.loader_seed = spec.seed(self.cfg.seed)
         facts = training.fit_stage(
-            self.lightning, self.run_dir, stage, module, self.datamodule, epochs, seed, ckpt
+            self.lightning,
+            self.run_dir,
+            spec.name,
+            module,
+            self.datamodule,
+            spec.epochs,
+            seed,
+            ckpt,
         )
-        return {"epochs": epochs, **facts}
+        return {"epochs": spec.epochs, **facts}
 
     def evaluate(self, module: DistillModule, split: str) -> training.Evaluation:
         loader = getattr(self.datamodule, f"{split}_dataloader")()
@@ -108,6 +126,7 @@ def check_options(ctx: Context) -> None:
     """Fail before any training on options that cannot work (clear messages, no wasted hours)."""
     check_teacher(ctx.cfg.teacher)
     check_method(ctx.cfg.method)
+    check_objective(ctx.cfg.method, ctx.objective)
     check_evaluation(ctx.cfg)
     if not ctx.options.labels and ctx.cfg.data.get("views", 1) != 2:
         raise ValueError(
@@ -135,6 +154,22 @@ def check_method(method: DictConfig) -> None:
         raise ValueError(f"method.deploy={method.deploy} must be a, b or best")
     if method.deploy == "b" and method.students < 2:
         raise ValueError("method.deploy=b needs method.students=2")
+
+
+def check_objective(method: DictConfig, objective: Objective) -> None:
+    """The objective gets the students and the teacher it needs (else it would silently be
+    another method: mutual learning without a partner is plain CE)."""
+    name = type(objective).__name__
+    if method.students and method.students < objective.min_students:
+        raise ValueError(
+            f"method.students={method.students}: the {name} objective of method={method.name} "
+            f"trains at least {objective.min_students} students"
+        )
+    if method.students and objective.uses_teacher and not method.needs_teacher:
+        raise ValueError(
+            f"method.needs_teacher=false, but the {name} objective of method={method.name} "
+            "distills from the teacher (method.distill.gamma > 0)"
+        )
 
 
 def check_evaluation(cfg: DictConfig) -> None:
@@ -191,20 +226,19 @@ def teacher_stage(ctx: Context) -> nn.Module:
 
     def fit() -> StageOutput:
         teacher, head_changed = initial_teacher(tcfg, ctx.shape, ctx.datamodule.class_names)
-        epochs = 0 if tcfg.source == "random" else stage_epochs(ctx.cfg, "teacher")
-        facts = {"epochs": epochs, "source": tcfg.source, "file": tcfg.get("file")}
+        spec = ctx.spec("teacher", 0 if tcfg.source == "random" else None)
+        facts = {"epochs": spec.epochs, "source": tcfg.source, "file": tcfg.get("file")}
         facts["head"] = head_fact(tcfg.get("head", "auto"), head_changed)
         probe = int(tcfg.get("probe_epochs") or 0) if tcfg.source in ("file", "hub") else 0
         if probe > 0 and head_changed:
             facts["probe"] = probe_head(ctx, teacher, probe)
-        if epochs > 0:
-            plain = ctx.options.cross_entropy_only()
-            module = ctx.module([teacher], "teacher", plain)
+        if spec.epochs > 0:
+            module = ctx.module([teacher], spec, ctx.plain())
             loaded = loaded_score(ctx, module) if tcfg.source in ("file", "hub") else None
-            facts.update(ctx.fit("teacher", module))
+            facts.update(ctx.fit(spec, module))
             if loaded is not None:
                 facts.update(keep_loaded_if_better(ctx, teacher, loaded, facts.get("best_score")))
-        unchanged_file = tcfg.source == "file" and epochs == 0 and not head_changed
+        unchanged_file = tcfg.source == "file" and spec.epochs == 0 and not head_changed
         references = {"teacher": Path(tcfg.file)} if unchanged_file else None
         return StageOutput({"teacher": teacher}, facts, references)
 
@@ -256,8 +290,8 @@ def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
         p.requires_grad_(False)
     pending, ctx.pending_ckpt = ctx.pending_ckpt, None  # ckpt_path= is for the stage proper
     try:
-        plain = ctx.options.cross_entropy_only()
-        facts = ctx.fit("teacher_probe", ctx.module([teacher], "teacher_probe", plain), epochs)
+        spec = ctx.spec("teacher_probe", epochs)  # the teacher's lr, the probe's own seed
+        facts = ctx.fit(spec, ctx.module([teacher], spec, ctx.plain()))
     finally:
         ctx.pending_ckpt = pending
         for p in body:
@@ -329,8 +363,9 @@ def train_stage(
     names = list(REPORT_NAMES[: len(students)])
 
     def fit() -> StageOutput:
-        module = ctx.module(students, "train", ctx.options, teacher, trains_students=True)
-        facts = ctx.fit("train", module)
+        spec = ctx.spec("train")
+        module = ctx.module(students, spec, ctx.objective, teacher)
+        facts = ctx.fit(spec, module)
         val = ctx.evaluate(module, "val").metrics
         facts["val"] = {n: val[short] for n, short in zip(names, module.names, strict=True)}
         ema = {}
@@ -352,12 +387,11 @@ def finetune_stage(ctx: Context, name: str, student: nn.Module) -> None:
     """Fine-tune the deployed student alone with cross-entropy on the task."""
 
     def fit() -> StageOutput:
-        epochs = stage_epochs(ctx.cfg, "finetune") if ctx.cfg.method.epochs.finetune > 0 else 0
-        facts: dict[str, Any] = {"epochs": epochs, "deployed": name}
-        if epochs > 0:
-            plain = ctx.options.cross_entropy_only()
-            module = ctx.module([student], "finetune", plain, trains_students=True)
-            facts.update(ctx.fit("finetune", module))
+        # A method without fine-tuning epochs keeps none, even under trainer.max_epochs.
+        spec = ctx.spec("finetune", None if ctx.cfg.method.epochs.finetune > 0 else 0)
+        facts: dict[str, Any] = {"epochs": spec.epochs, "deployed": name}
+        if spec.epochs > 0:
+            facts.update(ctx.fit(spec, ctx.module([student], spec, ctx.plain())))
         return StageOutput({name: student}, facts)
 
     ctx.runner.run("finetune", lambda: {name: student}, fit)
@@ -373,13 +407,12 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
     """
     entries: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
-    plain = ctx.options.cross_entropy_only()
     class_names, positive = ctx.datamodule.class_names, ctx.datamodule.positive_index
     groups = [("students", students), ("teacher", [teacher] if teacher is not None else [])]
     for group, group_models in groups:
         if not group_models:
             continue
-        module = ctx.module(group_models, "finetune", plain)
+        module = ctx.module(group_models, None, ctx.plain())  # evaluates only: no stage
         val, test = ctx.evaluate(module, "val"), ctx.evaluate(module, "test")
         for short, flat in test.metrics.items():
             name = report_name(group, short)
@@ -499,7 +532,7 @@ def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None)
         "seed": cfg.seed,
         "stage_seeds": {s: ctx.runner.seed_of(s) for s in runs.STAGES},
         "deployed": deployed,
-        "wall_time_s": round(wall_time, 1),
+        "wall_time_s": round(ctx.run_dir.earlier_wall_time() + wall_time, 1),  # every process
         "output_dir": str(ctx.run_dir.layout.root),
         "resumes": ctx.run_dir.resumes(),
         "stages": {s: r.get("facts", r) for s, r in stage_records(ctx.run_dir.layout).items()},
@@ -531,13 +564,15 @@ def prepare(cfg: DictConfig, run_dir: RunDirectory) -> Context:
         keep_checkpoints=bool(cfg.checkpoint.keep),
         load_reference=lambda model, path: models.load_weights_file(model, path),
     )
-    group = wandb_group(cfg.data.name, cfg.method.name)
+    names = run_names(cfg.data.name, cfg.method.name, cfg.seed)
+    options = DistillOptions.from_mapping(OmegaConf.to_container(cfg.method.distill))
     return Context(
         cfg=cfg,
         run_dir=run_dir,
         runner=runner,
-        lightning=training.build_factories(cfg, group),
-        options=DistillOptions.from_mapping(OmegaConf.to_container(cfg.method.distill)),
+        lightning=training.build_factories(cfg, names),
+        options=options,
+        objective=objectives.from_config(cfg.method.objective, options),
         datamodule=datamodule,
         shape=shape,
         pending_ckpt=cfg.get("ckpt_path"),
@@ -573,6 +608,25 @@ def run_pipeline(
 
 
 def execute(ctx: Context, command: str) -> dict[str, Any]:
+    """Run every stage with the run's loggers open: one W&B run for all stages (continued on
+    resume), closed even after a crash so that the next job of a multirun starts cleanly."""
+    with ctx.lightning.loggers.session(ctx.run_dir, lambda: logged_config(ctx)):
+        return run_stages(ctx, command)
+
+
+def logged_config(ctx: Context) -> dict[str, Any]:
+    """The config trackers record: the resolved config, plus the run's facts known before
+    training (code version, stage seeds, data), so runs can be filtered and compared by them."""
+    facts = {
+        "git": git_commit(),
+        "stage_seeds": {s: ctx.runner.seed_of(s) for s in runs.STAGES},
+        "data": ctx.datamodule.summary(),
+        "dir": str(ctx.run_dir.layout.root),
+    }
+    return {**OmegaConf.to_container(ctx.cfg, resolve=True), "run": facts}
+
+
+def run_stages(ctx: Context, command: str) -> dict[str, Any]:
     """The stages in order, then the test stage and the report (rank 0 only)."""
     start, cfg, run_dir = time.perf_counter(), ctx.cfg, ctx.run_dir
     needs_teacher = cfg.method.needs_teacher or not cfg.method.students
@@ -600,8 +654,8 @@ def execute(ctx: Context, command: str) -> dict[str, Any]:
     dm = ctx.datamodule
     files = dm.split("test").names
     paths = write_run_report(layout, results, predictions, csvs, files, dm.positive_index)
-    loggers = stage_loggers(ctx.lightning.loggers, layout.root, "test", ctx.lightning.log_group)
-    log_results(loggers, results, {k: p for k, p in paths.items() if p.suffix == ".png"})
+    images = {k: p for k, p in paths.items() if p.suffix == ".png"}
+    ctx.lightning.loggers.log_results(layout, results, images)
     return results
 
 

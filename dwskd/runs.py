@@ -4,7 +4,7 @@ Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
 
     .hydra/{config,overrides,hydra}.yaml    written by dwskd once the run is accepted
     run.lock                                held (flock) by the process running here; names it
-    record.json                             config the run started with, its fingerprint, resumes
+    record.json                             config the run started with, fingerprint, resumes, time
     stages/<stage>/done.json                a finished stage: seed, config fingerprint, exports
     stages/<stage>/<model>.safetensors      the stage's exported weights (best on validation)
     stages/<stage>/checkpoints/             last.ckpt + best.ckpt, only while the stage runs
@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,14 @@ LAYOUT_VERSION = 2
 STAGES = ("teacher", "select", "train", "finetune")
 # Each stage draws its randomness from seed + this offset (documented in README "Seeds").
 STAGE_SEED_OFFSETS = {"teacher": 0, "select": 1, "train": 2, "finetune": 3, "teacher_probe": 4}
+# What each training stage trains: the large teacher, the method's students (with its
+# objective), or the deployed student alone (cross-entropy). See StageSpec.
+STAGE_ROLES = {
+    "teacher": "teacher",
+    "teacher_probe": "teacher",
+    "train": "students",
+    "finetune": "finetune",
+}
 # Keys that change how a run is logged or shown, never what it computes: a resume may change them.
 IGNORED_KEYS = (
     "logger",
@@ -57,22 +67,147 @@ class RunDirError(RuntimeError):
     """A run dir that cannot be used as asked; nothing in it was changed."""
 
 
+class OutputError(OSError):
+    """A file dwskd was asked to write cannot be written (folder not writable, disk full);
+    no partial file was left. The message names the path and what to do."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
+
 def now_iso() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------- atomic files
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` then rename tmp to ``path``: readers never see a partial file."""
+def atomic_write(
+    path: Path,
+    write: Callable[[Path], None],
+    *,
+    size: int | None = None,
+    publish: Callable[[Path, Path], None] = os.replace,
+) -> Path:
+    """Call ``write(tmp)``, then ``publish(tmp, path)`` (a rename): no reader sees a partial file.
+
+    Every dwskd file goes through here, so a failed write is reported once, well: naming
+    ``path`` (not the temporary name), a full disk as "No space left on <path> (needed about
+    N MB)" (``size``: the expected bytes, when known) instead of a serialiser's "unexpected
+    pos", and the temporary file removed without a second error. The temporary name keeps
+    ``path``'s suffix (torch.export wants ``.pt2``); the file gets :func:`new_file_mode`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, new_file_mode())
+        publish(tmp, path)
+    except Exception as err:
+        failure = write_failure(path, tmp, err, size)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. EROFS: the failure above is the one to report
+            tmp.unlink(missing_ok=True)
     return path
+
+
+NO_SPACE = {errno.ENOSPC: "No space left on", errno.EDQUOT: "Disk quota exceeded for"}
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+SHORT_WRITE = "unexpected pos"  # torch's archive writer: a write fell short, errno lost
+NEARLY_FULL = 64 << 20  # free bytes below which a short write means a full disk
+
+
+def write_failure(
+    path: Path, tmp: Path, err: Exception, size: int | None = None
+) -> OutputError | None:
+    """A failed write of ``path`` as an error that says what happened; None: not an I/O failure.
+
+    Serialisers report a full disk in their own words: safetensors "No space left on device
+    (os error 28)", torch "[enforce fail ...] unexpected pos" (which a quota or a failing
+    disk gives too: it counts as a full disk only when the disk has next to nothing free).
+    """
+    text, code = str(err), getattr(err, "errno", None)
+    if code not in NO_SPACE and ("No space left on device" in text or "os error 28" in text):
+        code = errno.ENOSPC
+    folder = existing_folder(path)
+    if code in NO_SPACE or SHORT_WRITE in text:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = tmp.stat().st_size  # what it wrote before it failed
+        free = shutil.disk_usage(folder).free
+        needed = f"needed about {_mb(size)}" if size else f"needed more than {_mb(written)}"
+        if code in NO_SPACE or free < max(size or written, NEARLY_FULL):
+            return OutputError(
+                errno.ENOSPC if code is None else code,
+                f"{NO_SPACE.get(code, NO_SPACE[errno.ENOSPC])} {path} ({needed}, {_mb(free)} "
+                f"free on {folder}). Free some space or write to another disk; no partial file "
+                "was left.",
+            )
+        return OutputError(
+            errno.EIO,
+            f"Could not write {path}: the writer stopped short ({text.strip()}) although "
+            f"{_mb(free)} are free on {folder}; a disk quota or a failing disk? No partial file "
+            "was left.",
+        )
+    if code in NOT_WRITABLE:
+        return OutputError(
+            code,
+            f"Cannot write {path}: {os.strerror(code)} in {folder}. Choose a folder you can "
+            "write; no partial file was left.",
+        )
+    return None
+
+
+def _mb(size: int | None) -> str:
+    return f"{(size or 0) / 1e6:.1f} MB"
+
+
+def existing_folder(path: Path) -> Path:
+    """The nearest existing folder at or above ``path``: where missing folders would be made."""
+    folder = Path(path).expanduser().absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_writable(path: Path, option: str = "out") -> None:
+    """Refuse, before any work, an output path (file or folder) this process cannot write.
+
+    Why first: evaluating thousands of images and only then failing on a read-only ``out``
+    wastes the work. It checks the nearest existing folder at or above ``path``.
+    """
+    absolute = Path(path).expanduser().absolute()
+    blocker = absolute
+    while not blocker.exists() and blocker != blocker.parent:
+        blocker = blocker.parent
+    if not blocker.is_dir():
+        why = f"{blocker} is a file, not a folder"
+    elif not os.access(blocker, os.W_OK | os.X_OK):
+        read_only = os.statvfs(blocker).f_flag & os.ST_RDONLY
+        why = f"{blocker} is " + ("on a read-only file system" if read_only else "not writable")
+    else:
+        return
+    raise OutputError(
+        f"{option}={path} cannot be written: {why}. Choose another {option}= in a folder you "
+        "can write (nothing was done)."
+    )
+
+
+def new_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open()`` gives a new file (group/others may read it).
+
+    Why: some writers (safetensors) create their file 0600, so a teammate on a shared
+    cluster could not read the weights of a run.
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):  # Linux: read, do not set
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -226,6 +361,30 @@ def stage_seed(seed: int, stage: str) -> int:
     return int(seed) + STAGE_SEED_OFFSETS[stage]
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage as data: its name (folder, record, log prefix), what it trains
+    (``role``, see STAGE_ROLES), its epochs, learning rate and seed offset.
+
+    Why: the pipeline used to derive a stage's lr and seed from its name's spelling; a spec is
+    built once from the config and the tables above, and handed to the module and the trainer.
+    """
+
+    name: str
+    role: str
+    epochs: int
+    lr: float
+    seed_offset: int
+
+    def seed(self, run_seed: int) -> int:
+        return int(run_seed) + self.seed_offset
+
+    @classmethod
+    def of(cls, name: str, epochs: int, lr: float) -> StageSpec:
+        """The spec of training stage ``name``: role and seed offset from this module's tables."""
+        return cls(name, STAGE_ROLES[name], int(epochs), float(lr), STAGE_SEED_OFFSETS[name])
+
+
 def finished_layout(run_dir: Path) -> RunLayout:
     """The layout of a finished run, for readers (aggregation, reports); refuses other dirs."""
     layout = RunLayout(Path(run_dir))
@@ -248,12 +407,8 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self.path.read_text().strip() or "unknown process"
             os.close(fd)
-            raise RunDirError(
-                f"{self.path.parent} is in use by another dwskd run ({holder}). Wait for it to "
-                "finish or stop that process; to run in parallel choose another hydra.run.dir."
-            ) from None
+            raise self._in_use(self.path.read_text()) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
         self._fd = fd
@@ -263,6 +418,30 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def refuse_if_held(self) -> None:
+        """Refuse, naming the holder, when another process holds the lock; take and write nothing.
+
+        Why before anything else: "in use by pid N" is the answer to a second command on a
+        running run, whatever its options; a config comparison would call it "stopped".
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+        except BlockingIOError:
+            raise self._in_use(self.path.read_text()) from None
+        finally:
+            os.close(fd)
+
+    def _in_use(self, holder: str) -> RunDirError:
+        return RunDirError(
+            f"{self.path.parent} is in use by another dwskd run "
+            f"({holder.strip() or 'unknown process'}). Wait for it to finish or stop that "
+            "process; to run in parallel choose another hydra.run.dir."
+        )
 
 
 # ------------------------------------------------------------------------- opening a run
@@ -332,6 +511,7 @@ class RunDirectory:
     ) -> None:
         self.layout, self.lock, self.record = layout, lock, record
         self.changes = dict(changes or {})  # config keys changed since the stopped run started
+        self._clock: float | None = None  # time.monotonic() when this process started the run
 
     @property
     def writer(self) -> bool:
@@ -360,7 +540,40 @@ class RunDirectory:
         else:
             restart = {"time": now_iso(), "command": command, "config_changes": self.changes}
             self.record.setdefault("restarts", []).append(restart)
+            self._count_killed_process()
+        self.record["running_since"] = time.time()  # removed by close(): not there = not killed
+        self._clock = time.monotonic()
         self._save_record()
+
+    def earlier_wall_time(self) -> float:
+        """Seconds this run spent in the processes before this one (0.0 on a first start).
+
+        Why recorded: after a resume the run's cost is every process's time, not the last's.
+        """
+        return float((self.record or {}).get("wall_time_s", 0.0))
+
+    def _count_killed_process(self) -> None:
+        """A process killed (SIGKILL, power loss) before its close() counts until its last
+        file write here: the work after that was lost and is done again by this one."""
+        since = self.record.pop("running_since", None)
+        if since is None:
+            return
+        last = since
+        for path in self.layout.root.rglob("*"):
+            if path.is_file() and path != self.layout.lock_file:  # the lock: this process's
+                with contextlib.suppress(OSError):
+                    last = max(last, path.stat().st_mtime)
+        self.record["wall_time_s"] = round(self.earlier_wall_time() + last - since, 3)
+
+    def _stop_clock(self) -> None:
+        """Add this process's time to the record (it ends, normally or by an error)."""
+        if self._clock is None or self.record is None:
+            return
+        spent, self._clock = time.monotonic() - self._clock, None
+        self.record["wall_time_s"] = round(self.earlier_wall_time() + spent, 3)
+        self.record.pop("running_since", None)
+        with contextlib.suppress(OSError):  # a full disk: the error being raised matters more
+            self._save_record()
 
     def note_resume(self, stage: str, epoch: int, step: int) -> None:
         entry = {"stage": stage, "epoch": int(epoch), "global_step": int(step), "time": now_iso()}
@@ -372,6 +585,15 @@ class RunDirectory:
         record = self.record or {}
         return [*record.get("restarts", []), *record.get("stage_resumes", [])]
 
+    def tracker_id(self, tracker: str, new: Callable[[], str]) -> str:
+        """This run's id in an outside tracker (``wandb``): made by ``new`` once and kept in
+        the record, so that a resumed run continues the same tracker run, not a new one."""
+        ids = (self.record if self.record is not None else {}).setdefault("trackers", {})
+        if tracker not in ids:
+            ids[tracker] = new()
+            self._save_record()
+        return ids[tracker]
+
     def _save_record(self) -> None:
         if self.writer and self.record is not None:
             write_json(self.layout.record_json, self.record)
@@ -380,6 +602,7 @@ class RunDirectory:
         if self.lock is None:
             return
         fresh = self.record is None
+        self._stop_clock()
         self.lock.release()
         if fresh:  # refused before anything was written: leave no lock file behind
             self.layout.lock_file.unlink(missing_ok=True)
@@ -395,14 +618,18 @@ def open_run_dir(
     """Refuse ``root`` (finished, other config, in use) having changed nothing, or lock it.
 
     The read-only checks run before the lock is taken (taking it writes the holder's pid)
-    and again once it is held, in case another run finished or started meanwhile.
+    and again once it is held, in case another run finished or started meanwhile. A running
+    holder is named before the config is compared. DDP ranks > 0 (``writer=False``) open the
+    dir while rank 0 holds it.
     """
     layout = RunLayout(Path(root))
     refuse_finished(layout)
+    lock = RunLock(layout.lock_file)
+    if writer:
+        lock.refuse_if_held()
     changes = check_resumable(layout, config, allow_changes)
     if not writer:
         return RunDirectory(layout, None, read_json(layout.record_json), changes)
-    lock = RunLock(layout.lock_file)
     lock.acquire()
     try:
         refuse_finished(layout)
@@ -546,7 +773,8 @@ def save_weights(model: Any, path: Path) -> Path:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)), size=size)
 
 
 def load_weights(model: Any, path: Path) -> Any:

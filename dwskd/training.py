@@ -66,14 +66,14 @@ class LightningFactories:
 
     trainer: Callable[..., L.Trainer]
     callbacks: dict[str, Callable[..., Callback]]
-    loggers: dict[str, Callable[..., Any]]
+    loggers: stage_logging.RunLoggers
     monitor: Monitor
     progress_bar: bool = True
-    log_group: str = "dwskd"
 
 
-def build_factories(cfg: DictConfig, log_group: str) -> LightningFactories:
-    """Instantiate ``trainer``, ``callbacks`` and ``logger`` groups as partials (template style)."""
+def build_factories(cfg: DictConfig, names: stage_logging.RunNames) -> LightningFactories:
+    """Instantiate ``trainer``, ``callbacks`` and ``logger`` groups as partials (template style);
+    ``names`` are how trackers (W&B) show the run."""
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "max_epochs"}
     callbacks = {
         name: instantiate(c, _partial_=True)
@@ -92,10 +92,9 @@ def build_factories(cfg: DictConfig, log_group: str) -> LightningFactories:
     return LightningFactories(
         trainer=instantiate(trainer_cfg, _partial_=True),
         callbacks=callbacks,
-        loggers=loggers,
+        loggers=stage_logging.RunLoggers(loggers, names),
         monitor=Monitor(checkpoint.monitor, checkpoint.mode),
         progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
-        log_group=log_group,
     )
 
 
@@ -224,9 +223,7 @@ def fit_stage(
         keep_until = (epoch, step)
         run_dir.note_resume(stage, epoch + 1, step)
         log.info("stage %s: resuming from %s (epoch %d done)", stage, resume, epoch)
-    loggers = stage_logging.stage_loggers(
-        factories.loggers, layout.root, stage, factories.log_group, keep_until
-    )
+    loggers = factories.loggers.for_stage(layout.root, stage, keep_until)
     callbacks = stage_callbacks(factories, layout.checkpoint_dir(stage), seed, bool(loggers))
     trainer = factories.trainer(
         max_epochs=epochs,
@@ -235,10 +232,7 @@ def fit_stage(
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    finally:
-        stage_logging.finish_loggers()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     curve = next(c.curve for c in callbacks if isinstance(c, ValCurve))
     return {**restore_best(trainer, module), "val_curve": curve}
 

@@ -10,8 +10,11 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from dwskd import runs, training
+from dwskd.loggers import RunNames
 from dwskd.pipeline import optimized_value, run_pipeline
 from tests.conftest import compose_config
+
+NAMES = RunNames(name="run", group="group")
 
 
 def test_experiment_preset_overrides_top_level_keys() -> None:
@@ -46,7 +49,7 @@ def test_baselines_inherit_from_base_not_from_dwskd() -> None:
 
 def test_callbacks_come_from_the_config_group(tmp_path: Path) -> None:
     cfg = compose_config("callbacks=early_stopping", "callbacks.model_checkpoint.monitor=val/auroc")
-    factories = training.build_factories(cfg, "group")
+    factories = training.build_factories(cfg, NAMES)
     callbacks = training.stage_callbacks(factories, tmp_path, seed=0, logged=False)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     stopping = next(c for c in callbacks if isinstance(c, EarlyStopping))
@@ -58,7 +61,7 @@ def test_callbacks_come_from_the_config_group(tmp_path: Path) -> None:
 def test_unsupported_monitor_is_a_clear_error() -> None:
     cfg = compose_config("callbacks.model_checkpoint.monitor=train/loss")
     with pytest.raises(ValueError, match="callbacks.model_checkpoint.monitor=train/loss"):
-        training.build_factories(cfg, "group")
+        training.build_factories(cfg, NAMES)
 
 
 def test_sweepers_get_the_validation_metric_of_the_deployed_model(tmp_path: Path) -> None:
