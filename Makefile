@@ -20,7 +20,7 @@ install: $(PY) ## create .venv and install dwskd (editable) with its dev, medmni
 	$(PY) -m pip install -e ".[dev,medmnist,export]"
 	$(PY) -c "import torchvision, timm, lightning, onnxruntime, dwskd; print('dwskd', dwskd.__version__, 'installed: torch', __import__('torch').__version__)"
 
-test: ## fast test suite (excludes @slow; ~4.5 min on 2 idle cores)
+test: ## fast test suite (excludes @slow: DDP, submitit, joblib, Optuna, study end-to-ends; about 4 min on 2 idle cores)
 	$(PY) -m pytest -m "not slow" -q
 
 test-full: ## every test, including slow ones

@@ -94,6 +94,7 @@ def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Pat
         assert (tmp_path / score["report"]).is_file()
 
 
+@pytest.mark.slow
 def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
     """The SLURM launcher's plugin and code path (submitit), through its local executor."""
     two_seed_multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")

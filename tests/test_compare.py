@@ -164,6 +164,7 @@ def test_a_dir_without_finished_runs_says_where_and_what_it_looked_for(tmp_path:
         compare.write_comparison(tmp_path)
 
 
+@pytest.mark.slow
 def test_real_multirun_of_two_temperatures_is_compared(tmp_path: Path) -> None:
     """``dwskd.run -m method.distill.temperature=1,2`` (tiny scratch runs, ~10 s), then compare."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")

@@ -313,6 +313,7 @@ def test_teacher_study_plans_one_teacher_per_strength_and_shares_the_papers_jobs
     assert not any(key[1] == "teacher" and key[2] == 2 for key in jobs)  # one teacher per strength
 
 
+@pytest.mark.slow
 def test_teacher_study_runs_only_what_the_paper_lacks_and_plots_gain_vs_advantage(
     quick_sweep: tuple, tmp_path: Path
 ) -> None:
@@ -409,6 +410,7 @@ def test_investigation_refuses_runs_without_validation_metrics(tmp_path: Path) -
         investigate.val_metrics(tmp_path / "dwskd/toy/toy/s1")
 
 
+@pytest.mark.slow
 def test_investigation_compares_variants_on_validation_metrics(
     quick_sweep: tuple, tmp_path: Path
 ) -> None:
@@ -523,6 +525,7 @@ def test_aggregate_without_runs_says_where_it_looked(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- bench
+@pytest.mark.slow
 def test_bench_smoke_measures_every_ratio(tmp_path: Path) -> None:
     out = bench.main(["--smoke", "--out", str(tmp_path / "bench.md")])
     text = out.read_text()

@@ -214,6 +214,7 @@ def test_unknown_method_is_a_clear_config_error() -> None:
         compose_config("method=magic")
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_with_ema(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
