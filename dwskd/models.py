@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,84 @@ def _load_state(model: nn.Module, state: dict, path: str | Path, what: str) -> b
     if head_dropped:
         log.info("%s: classifier head has another label space; re-initialised", path)
     return head_dropped
+
+
+TEACHER_SOURCES = ("hub", "file", "fit", "random")
+TEACHER_HEADS = ("auto", "reinit", "match")
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """What became of the teacher's classifier head on load (for records and selection)."""
+
+    changed: bool  # the head differs from the source's (new rows, or a random head)
+    how: str  # "kept" | "re-initialised" | "matched rows of the source head"
+    rows: tuple[int, ...] = ()  # teacher.head=match: source rows, in the task's class order
+
+    @property
+    def trained(self) -> bool:
+        """Whether the head was trained for the task's labels (worth selecting from)."""
+        return not self.changed or bool(self.rows)
+
+
+def check_teacher_options(tcfg: Mapping[str, Any]) -> None:
+    """``teacher.source`` / ``teacher.head`` values that cannot work, before any loading."""
+    if tcfg["source"] not in TEACHER_SOURCES:
+        raise ModelConfigError(f"teacher.source={tcfg['source']} must be one of {TEACHER_SOURCES}")
+    head = tcfg.get("head") or "auto"
+    if head not in TEACHER_HEADS:
+        raise ModelConfigError(f"teacher.head={head} must be one of {TEACHER_HEADS}")
+    if head == "match" and tcfg["source"] != "file":
+        raise ModelConfigError(
+            "teacher.head=match needs teacher.source=file (a file with label names)"
+        )
+    if tcfg["source"] == "file" and not tcfg.get("file"):
+        raise ModelConfigError("teacher.source=file needs teacher.file=/path/to/weights")
+
+
+def load_teacher(
+    tcfg: Mapping[str, Any],
+    *,
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    class_names: list[str] | None = None,
+) -> tuple[nn.Module, TeacherHead]:
+    """The teacher before any training (hub, file or random weights) and its head report.
+
+    The one teacher loader of dwskd: the run's teacher stage and ``dwskd-select`` both call
+    it. ``teacher.head``: ``auto`` keeps a loaded head whose label space matches, else a new
+    one; ``reinit`` always a new one; ``match`` keeps the source head's rows of the task's
+    classes (needs ``class_names``). ``source=fit`` starts from random weights: the run
+    trains it.
+    """
+    check_teacher_options(tcfg)
+    shape = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    head, rows = tcfg.get("head") or "auto", ()
+    if tcfg["source"] == "hub":
+        teacher = create_hub_model(tcfg, **shape)
+        changed = teacher.pretrained_cfg.get("num_classes") != num_classes
+    elif tcfg["source"] == "file" and head == "match":
+        if not class_names:
+            raise ModelConfigError(
+                "teacher.head=match needs the task's class names (a run has them from its data)"
+            )
+        teacher = create_model(tcfg, **shape)
+        rows = tuple(load_matched_head(teacher, tcfg["file"], list(class_names)))
+        changed = True
+        log.info("teacher.head=match: teacher head rows %s for %s", list(rows), class_names)
+    elif tcfg["source"] == "file":
+        teacher = create_model(tcfg, **shape)
+        changed = load_weights_file(teacher, tcfg["file"])
+    else:  # fit or random: nothing to load
+        teacher, changed = create_model(tcfg, **shape), True
+        if tcfg["source"] == "random":
+            log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
+    if head == "reinit":
+        teacher.reset_classifier(num_classes)  # fresh head even for equal label counts
+        changed = True
+    how = "matched rows of the source head" if rows else ("re-initialised" if changed else "kept")
+    return teacher, TeacherHead(changed, how, rows)
 
 
 def count_params(model: nn.Module) -> int:

@@ -33,8 +33,6 @@ from dwskd.runs import RunDirectory, StageOutput, StageRunner, StageSpec
 
 log = logging.getLogger(__name__)
 
-TEACHER_SOURCES = ("hub", "file", "fit", "random")
-TEACHER_HEADS = ("auto", "reinit", "match")
 REPORT_NAMES = ("student_a", "student_b")
 # The method.epochs / method.lr entry each stage role reads (runs.STAGE_ROLES names the roles).
 ROLE_SETTINGS = {"teacher": "teacher", "students": "train", "finetune": "finetune"}
@@ -124,7 +122,7 @@ def stage_epochs(cfg: DictConfig, stage: str) -> int:
 # ------------------------------------------------------------------------ checks
 def check_options(ctx: Context) -> None:
     """Fail before any training on options that cannot work (clear messages, no wasted hours)."""
-    check_teacher(ctx.cfg.teacher)
+    models.check_teacher_options(ctx.cfg.teacher)
     check_method(ctx.cfg.method)
     check_objective(ctx.cfg.method, ctx.objective)
     check_evaluation(ctx.cfg)
@@ -133,16 +131,6 @@ def check_options(ctx: Context) -> None:
             "method.distill.labels=false (label-free SKD) needs two augmented views: add data.views=2"
         )
     check_models(ctx)
-
-
-def check_teacher(tcfg: DictConfig) -> None:
-    if tcfg.source not in TEACHER_SOURCES:
-        raise ValueError(f"teacher.source={tcfg.source} must be one of {TEACHER_SOURCES}")
-    head = tcfg.get("head", "auto")
-    if head not in TEACHER_HEADS:
-        raise ValueError(f"teacher.head={head} must be one of {TEACHER_HEADS}")
-    if head == "match" and tcfg.source != "file":
-        raise ValueError("teacher.head=match needs teacher.source=file (a file with label names)")
 
 
 def check_method(method: DictConfig) -> None:
@@ -225,12 +213,14 @@ def teacher_stage(ctx: Context) -> nn.Module:
     tcfg = ctx.cfg.teacher
 
     def fit() -> StageOutput:
-        teacher, head_changed = initial_teacher(tcfg, ctx.shape, ctx.datamodule.class_names)
+        teacher, head = models.load_teacher(
+            tcfg, **ctx.shape, class_names=list(ctx.datamodule.class_names)
+        )
         spec = ctx.spec("teacher", 0 if tcfg.source == "random" else None)
         facts = {"epochs": spec.epochs, "source": tcfg.source, "file": tcfg.get("file")}
-        facts["head"] = head_fact(tcfg.get("head", "auto"), head_changed)
+        facts["head"] = head.how
         probe = int(tcfg.get("probe_epochs") or 0) if tcfg.source in ("file", "hub") else 0
-        if probe > 0 and head_changed:
+        if probe > 0 and head.changed:
             facts["probe"] = probe_head(ctx, teacher, probe)
         if spec.epochs > 0:
             module = ctx.module([teacher], spec, ctx.plain())
@@ -238,7 +228,7 @@ def teacher_stage(ctx: Context) -> nn.Module:
             facts.update(ctx.fit(spec, module))
             if loaded is not None:
                 facts.update(keep_loaded_if_better(ctx, teacher, loaded, facts.get("best_score")))
-        unchanged_file = tcfg.source == "file" and spec.epochs == 0 and not head_changed
+        unchanged_file = tcfg.source == "file" and spec.epochs == 0 and not head.changed
         references = {"teacher": Path(tcfg.file)} if unchanged_file else None
         return StageOutput({"teacher": teacher}, facts, references)
 
@@ -299,41 +289,6 @@ def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
     if ctx.run_dir.writer and not ctx.cfg.checkpoint.keep:
         runs.remove_checkpoints(ctx.run_dir.layout, "teacher_probe")
     return facts
-
-
-def head_fact(option: str, changed: bool) -> str:
-    if option == "match":
-        return "matched rows of the source head"
-    return "re-initialised" if changed else "kept"
-
-
-def initial_teacher(
-    tcfg: DictConfig, shape: Mapping[str, int], class_names: list[str]
-) -> tuple[nn.Module, bool]:
-    """The teacher before any training, and whether its classifier head differs from the source.
-
-    ``teacher.head``: ``auto`` keeps a loaded head whose label space matches, else a new one;
-    ``reinit`` always a new one; ``match`` keeps the source head's rows of the task's classes.
-    """
-    if tcfg.source == "hub":
-        teacher = models.create_hub_model(tcfg, **shape)
-        head_changed = teacher.pretrained_cfg.get("num_classes") != shape["num_classes"]
-    else:
-        teacher, head_changed = models.create_model(tcfg, **shape), True
-        if tcfg.source == "file":
-            if not tcfg.get("file"):
-                raise ValueError("teacher.source=file needs teacher.file=/path/to/weights")
-            if tcfg.get("head", "auto") == "match":
-                rows = models.load_matched_head(teacher, tcfg.file, list(class_names))
-                log.info("teacher.head=match: teacher head rows %s for %s", rows, class_names)
-            else:
-                head_changed = models.load_weights_file(teacher, tcfg.file)
-        elif tcfg.source == "random":
-            log.warning("teacher.source=random: the teacher is untrained (meant for tests only)")
-    if tcfg.get("head", "auto") == "reinit":
-        teacher.reset_classifier(shape["num_classes"])  # fresh head even for equal label counts
-        head_changed = True
-    return teacher, head_changed
 
 
 def select_stage(ctx: Context, teacher: nn.Module | None) -> list[nn.Module]:

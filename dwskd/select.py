@@ -25,10 +25,10 @@ from dwskd.commands import plain_user_errors
 if TYPE_CHECKING:  # torch and timm load where they are used: --help stays instant
     from torch import nn
 
+    from dwskd.models import TeacherHead
     from dwskd.selection import SelectionPlan, SelectionRecipe
 
 log = logging.getLogger(__name__)
-_TEACHER_SOURCES = ("hub", "file", "random")
 
 
 def recipe_from_config(selection: DictConfig) -> SelectionRecipe:
@@ -38,28 +38,24 @@ def recipe_from_config(selection: DictConfig) -> SelectionRecipe:
     return SelectionRecipe(**OmegaConf.to_container(selection, resolve=True))
 
 
-def load_teacher(cfg: DictConfig) -> tuple[nn.Module, bool]:
-    """Create the teacher with its weights; also say whether its head is trained for our labels."""
-    from dwskd.models import ModelConfigError, create_hub_model, create_model, load_weights_file
+def load_teacher(cfg: DictConfig) -> tuple[nn.Module, TeacherHead]:
+    """The teacher with its weights (dwskd's one teacher loader) and what became of its head."""
+    from dwskd.models import ModelConfigError
+    from dwskd.models import load_teacher as load
 
-    teacher_cfg, source = cfg.teacher, cfg.teacher.source
-    sizes = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
-    if source == "hub":
-        teacher = create_hub_model(teacher_cfg, **sizes)
-        return teacher, teacher.pretrained_cfg.get("num_classes") == cfg.num_classes
-    if source == "file":
-        if not teacher_cfg.get("file"):
-            raise ModelConfigError("teacher.source=file needs teacher.file=/path/to/weights.")
-        teacher = create_model(teacher_cfg, **sizes)
-        head_dropped = load_weights_file(teacher, teacher_cfg.file)
-        return teacher, not head_dropped
-    if source == "random":
-        log.warning("teacher.source=random: selecting from an untrained teacher (tests only).")
-        return create_model(teacher_cfg, **sizes), True
-    raise ModelConfigError(
-        f"teacher.source={source} is not supported by dwskd-select (use one of "
-        f"{_TEACHER_SOURCES}). To train the teacher first run `python -m dwskd.run`, or pass "
-        "its saved weights with teacher.source=file teacher.file=PATH."
+    if cfg.teacher.source == "fit":
+        raise ModelConfigError(
+            "teacher.source=fit is not supported by dwskd-select (use hub, file or random). "
+            "To train the teacher first run `python -m dwskd.run`, or pass its saved weights "
+            "with teacher.source=file teacher.file=PATH."
+        )
+    class_names = OmegaConf.to_container(cfg.class_names) if cfg.get("class_names") else None
+    return load(
+        cfg.teacher,
+        num_classes=cfg.num_classes,
+        in_chans=cfg.in_chans,
+        img_size=cfg.img_size,
+        class_names=class_names,
     )
 
 
@@ -99,8 +95,8 @@ def run(cfg: DictConfig) -> SelectionPlan:
     out = Path(cfg.out)
     refuse_existing(out)
     recipe = recipe_from_config(cfg.selection)
-    teacher, head_trained = load_teacher(cfg)
-    if not head_trained and recipe.head == "auto":
+    teacher, head = load_teacher(cfg)
+    if not head.trained and recipe.head == "auto":
         recipe = dataclasses.replace(
             recipe, head="reinit"
         )  # an untrained head is not worth copying

@@ -312,8 +312,7 @@ def test_fine_tuning_competes_with_the_loaded_teacher_on_validation(
 def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from dwskd.models import create_model
-    from dwskd.pipeline import initial_teacher
+    from dwskd.models import create_model, load_teacher
 
     cfg = compose_config("teacher.source=file", f"teacher.head={head}")
     shape = {"num_classes": 4, "in_chans": 1, "img_size": 32}
@@ -321,8 +320,9 @@ def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> 
     path = tmp_path / "teacher.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     cfg.teacher.file = str(path)
-    teacher, head_changed = initial_teacher(cfg.teacher, shape, ["a", "b", "c", "d"])
-    assert head_changed == (head == "reinit")
+    teacher, report = load_teacher(cfg.teacher, **shape, class_names=["a", "b", "c", "d"])
+    assert report.changed == (head == "reinit")
+    assert report.how == ("re-initialised" if head == "reinit" else "kept")
     same_body = torch.equal(teacher.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     same_head = torch.equal(teacher.head.weight, source.head.weight)
     assert same_body

@@ -363,6 +363,38 @@ def test_cli_writes_strictly_loadable_student_and_refuses_overwrite(tmp_path):
     ]  # nothing littered: no outputs/, .hydra/ or log
 
 
+@pytest.mark.parametrize("head", ["reinit", "match"])
+def test_cli_loads_the_teacher_as_a_run_does(head, tmp_path):
+    """dwskd-select and the run share one teacher loader: head=reinit and head=match work."""
+    from dwskd.models import load_teacher
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    labels = ["lung_COVID", "lung_NonCOVID", "brain_glioma", "brain_notumor"]
+    source = vit_small(depth=4)
+    save_file(source.state_dict(), str(teacher_file), metadata={"label_names": json.dumps(labels)})
+    overrides = [
+        "teacher.source=file",
+        f"teacher.file={teacher_file}",
+        "teacher.depth=4",
+        f"teacher.head={head}",
+        "model.depth=2",
+        "num_classes=2",
+        "class_names=[NonCOVID,COVID]",
+        f"out={tmp_path / 'student.safetensors'}",
+    ]
+    cfg = compose_select(overrides)
+    plan = run(cfg)
+    shape = dict(num_classes=2, in_chans=1, img_size=64)
+    teacher, report = load_teacher(cfg.teacher, **shape, class_names=["NonCOVID", "COVID"])
+    assert report.changed and report.trained == (head == "match")
+    assert plan.head_reinitialised == (head == "reinit")
+    if head == "match":
+        assert report.rows == (1, 0) and report.how == "matched rows of the source head"
+        assert torch.equal(teacher.head.weight, source.head.weight[[1, 0]])
+    else:
+        assert report.how == "re-initialised"
+
+
 # ------------------------------------------------------------------ function and speed
 
 
