@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
@@ -87,24 +87,6 @@ def skd_losses(
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
-    """In place ``p_ema = m·p_ema + (1-m)·p`` for parameters; buffers (BN stats) are copied.
-
-    Parameters are matched by name so that a mismatched EMA copy fails loudly instead of
-    silently averaging the wrong tensors.
-    """
-    ema_params = dict(ema.named_parameters())
-    model_params = dict(model.named_parameters())
-    if ema_params.keys() != model_params.keys():
-        missing = sorted(ema_params.keys() ^ model_params.keys())[:5]
-        raise ValueError(f"EMA model and model have different parameters, e.g. {missing}.")
-    for name, p_ema in ema_params.items():
-        p_ema.lerp_(model_params[name].detach(), 1.0 - momentum)
-    model_buffers = dict(model.named_buffers())
-    for name, b_ema in ema.named_buffers():
-        b_ema.copy_(model_buffers[name])
-
-
 def ema_momentum(
     step: int,
     total_steps: int | float,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dwskd.distill import check_distill_options, ema_momentum, ema_update, kd_loss, skd_losses
+from dwskd.distill import check_distill_options, ema_momentum, kd_loss, skd_losses
 
 STUDENT = [[2.0, 1.0, 0.1], [0.5, 0.5, 2.0]]
 TEACHER = [[1.0, 3.0, 0.0], [0.0, 1.0, 1.0]]
@@ -132,23 +132,24 @@ def test_skd_rejects_inconsistent_inputs():
         skd_losses([_t(STUDENT)], None, alpha=1, beta=1, temperature=1)
 
 
-def test_ema_update_averages_parameters_and_copies_buffers():
+def test_module_ema_averages_parameters_and_copies_buffers():
+    """The module's EMA (timm's ModelEmaV3): p_ema = m·p_ema + (1-m)·p; buffers copied."""
+    from dwskd.module import ema_of
+
     torch.manual_seed(0)
-    model, ema = (nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1)) for _ in range(2))
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    updater = ema_of(model)
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
-        ema[0].weight.copy_(torch.tensor([[3.0, -1.0]]))
+        updater.module[0].weight.copy_(torch.tensor([[3.0, -1.0]]))
         model[1].running_mean.fill_(5.0)
-    ema_update(ema, model, momentum=0.75)
+    updater.decay = 0.75
+    updater.update(model)
     # 0.75 * 3 + 0.25 * 1 = 2.5 ; 0.75 * -1 + 0.25 * 2 = -0.25
-    assert ema[0].weight.tolist() == [[2.5, -0.25]]
-    assert ema[1].running_mean.tolist() == [5.0]
+    assert updater.module[0].weight.tolist() == [[2.5, -0.25]]
+    assert updater.module[1].running_mean.tolist() == [5.0]
     assert model[0].weight.tolist() == [[1.0, 2.0]]
-
-
-def test_ema_update_refuses_mismatched_models():
-    with pytest.raises(ValueError, match="different parameters"):
-        ema_update(nn.Linear(2, 1), nn.Sequential(nn.Linear(2, 1)), momentum=0.9)
+    assert not any(p.requires_grad for p in updater.module.parameters())
 
 
 def test_ema_momentum_schedules():
