@@ -20,7 +20,6 @@ import csv
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,18 +160,36 @@ def check_policy(bad_images: str, option: str = "bad_images") -> None:
         )
 
 
-def decode_all(paths: Sequence[Path], preprocessing: Any, pool: ThreadPoolExecutor) -> list:
-    """Each file decoded as training decoded it (uint8 HxWxC), or the error it raised."""
-    from dwskd.data.folder import try_read_image
+class ImageFiles:
+    """A map-style dataset of files decoded (as training decoded them) and normalised.
 
-    size, channels = preprocessing.img_size, preprocessing.in_chans
-    return list(pool.map(lambda p: try_read_image(Path(p), size, channels), paths))
+    An unreadable file yields its error message instead of a tensor, so the ``bad_images``
+    policy is applied in the main process, in input order.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Any) -> None:
+        from dwskd.data.transforms import eval_transform
+
+        p = preprocessing
+        self.paths, self.size, self.channels = list(paths), p.img_size, p.in_chans
+        self.transform = eval_transform(p.img_size, p.mean, p.std, p.standardize)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        from dwskd.data.folder import try_read_image
+
+        result = try_read_image(Path(self.paths[i]), self.size, self.channels)
+        if isinstance(result, Exception):
+            return i, None, f"{type(result).__name__}: {result}"
+        return i, self.transform(image=result)["image"], None
 
 
-def bad_image_error(path: Path, err: Exception, option: str) -> DataError:
+def bad_image_error(path: Path, reason: str, option: str) -> DataError:
     return DataError(
-        f"Cannot read image {str(path)!r} ({type(err).__name__}: {err}). Replace or delete "
-        f"the file, or set {option}=skip to skip unreadable images."
+        f"Cannot read image {str(path)!r} ({reason}). Replace or delete the file, or set "
+        f"{option}=skip to skip unreadable images."
     )
 
 
@@ -188,57 +205,58 @@ def run_model(
 ) -> Predictions:
     """Decode and predict ``paths`` batch by batch (eval mode, no_grad), with a progress bar.
 
-    Decoding a batch at a time keeps memory flat however many files there are; with
-    ``bad_images=error`` the first unreadable file stops the run before anything is written.
+    A ``DataLoader`` decodes in worker processes while the model runs, and keeps memory flat
+    however many files there are; with ``bad_images=error`` the first unreadable file stops
+    the run before anything is written.
     """
     import torch
-
-    from dwskd.data.transforms import eval_transform
+    from torch.utils.data import DataLoader
 
     check_policy(bad_images, option)
     if int(batch_size) < 1:
         raise InferenceError(f"batch_size={batch_size} must be at least 1.")
-    model, target, p = loaded.model.eval(), pick_device(device), loaded.preprocessing
+    model, target = loaded.model.eval(), pick_device(device)
     model.to(target)
-    transform = eval_transform(p.img_size, p.mean, p.std, p.standardize)
+    # Worker processes pay off beyond one batch; a handful of files is decoded in place.
+    workers = min(4, os.cpu_count() or 1) if len(paths) > int(batch_size) else 0
+    batches = DataLoader(
+        ImageFiles(paths, loaded.preprocessing),
+        batch_size=int(batch_size),
+        num_workers=workers,
+        collate_fn=list,
+    )
     probs, index, skipped = [], [], []
-    workers = min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, progress_bar(len(paths), progress) as advance:
-        for start in range(0, len(paths), int(batch_size)):
-            chunk = list(paths[start : start + int(batch_size)])
-            decoded = decode_all(chunk, loaded.preprocessing, pool)
-            x, kept = _batch(chunk, decoded, transform, bad_images, skipped, option)
+    with progress_bar(len(paths), progress) as advance, torch.no_grad():
+        for items in batches:
+            x, kept = readable(items, paths, bad_images, skipped, option)
             if kept:
-                with torch.no_grad():
-                    logits = model(x.to(target))
-                probs.append(torch.softmax(logits.float(), dim=1).cpu())
-                index += [start + k for k in kept]
-            advance(len(chunk))
+                probs.append(torch.softmax(model(x.to(target)).float(), dim=1).cpu())
+                index += kept
+            advance(len(items))
     warn_skipped(skipped)
     n_classes = len(loaded.label_names)
     stacked = torch.cat(probs) if probs else torch.empty(0, n_classes)
     return Predictions([Path(paths[i]) for i in index], stacked, loaded.label_names, index, skipped)
 
 
-def _batch(
-    chunk: Sequence[Path],
-    decoded: Sequence[Any],
-    transform: Any,
+def readable(
+    items: Sequence[tuple[int, Any, str | None]],
+    paths: Sequence[Path],
     bad_images: str,
     skipped: list[tuple[Path, str]],
     option: str,
 ) -> tuple[Any, list[int]]:
-    """The batch tensor of the readable images and their positions in ``chunk``."""
+    """The batch tensor of the readable images and their input positions (the policy applied)."""
     import torch
 
     tensors, kept = [], []
-    for i, (path, result) in enumerate(zip(chunk, decoded, strict=True)):
-        if isinstance(result, Exception):
+    for i, tensor, error in items:
+        if error is not None:
             if bad_images == "error":
-                raise bad_image_error(Path(path), result, option)
-            skipped.append((Path(path), f"{type(result).__name__}: {result}"))
+                raise bad_image_error(Path(paths[i]), error, option)
+            skipped.append((Path(paths[i]), error))
             continue
-        tensors.append(transform(image=result)["image"])
+        tensors.append(tensor)
         kept.append(i)
     return (torch.stack(tensors) if tensors else None), kept
 
