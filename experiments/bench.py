@@ -40,16 +40,17 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dwskd.distill import DistillOptions
+from dwskd.loggers import RunNames
 from dwskd.machine import machine_info, now_iso
 from dwskd.models import create_model, measure_latency
 from dwskd.module import DistillModule
 from dwskd.selection import SelectionRecipe, initialize_from_teacher
+from dwskd.training import build_factories, stage_callbacks
 from experiments.common import (
     REPO,
     RESULTS_DIR,
@@ -241,8 +242,19 @@ def framework_times(
     teacher: nn.Module | None = None,
     compile_students: bool = False,
 ) -> list[float]:
-    """Seconds of every step, warm-up included, of DistillModule under lightning.Trainer."""
-    cfg = compose()
+    """Seconds of every step, warm-up included, of DistillModule under the run's own Trainer.
+
+    Trainer, callbacks (checkpointing, LR monitor, step seeding, ...) and loggers come from
+    the same factories a run builds (:func:`dwskd.training.build_factories`), with the CSV
+    logger and no progress bar; only the batch limits and validation are the bench's.
+    """
+    trainer_group = "gpu" if s.device == "gpu" else "cpu"
+    cfg = compose(
+        f"trainer={trainer_group}",
+        f"trainer.precision={s.precision}",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    )
     module = DistillModule(
         students,
         stage="train",
@@ -250,25 +262,21 @@ def framework_times(
         options=options,
         optimizer=instantiate(cfg.optimizer),
         lr=1e-3,
+        warmup_fraction=cfg.scheduler.warmup_fraction,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio,
         teacher=teacher,
         compile_students=compile_students,
     )
+    factories = build_factories(cfg, RunNames("bench", "bench"))
     timer = StepTimer(s)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator=s.device,
-            devices=1,
-            precision=s.precision,
+        trainer = factories.trainer(
             max_epochs=1,
             limit_train_batches=s.steps + s.warmup,
             limit_val_batches=0,
-            num_sanity_val_steps=0,
-            gradient_clip_val=cfg.trainer.gradient_clip_val,
-            log_every_n_steps=cfg.trainer.log_every_n_steps,
-            logger=CSVLogger(tmp),
-            callbacks=[timer],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
+            default_root_dir=tmp,
+            logger=factories.loggers.for_stage(Path(tmp), "train"),
+            callbacks=[*stage_callbacks(factories, Path(tmp) / "ckpt", 0, True), timer],
             enable_model_summary=False,
         )
         trainer.fit(module, train_dataloaders=tensor_loader(s))
