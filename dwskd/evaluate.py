@@ -38,6 +38,7 @@ from dwskd.inference import (
     load,
     run_model,
 )
+from dwskd.io import check_writable, refuse_existing_folder
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
     import torch
@@ -272,9 +273,9 @@ def check_options(cfg: DictConfig) -> None:
     _require("saliency", cfg.saliency, int, 0, "an integer >= 0 (0: no saliency maps)")
     _require("batch_size", cfg.batch_size, int, 1, at_least_one)
     if cfg.out is not None:
-        runs.check_writable(Path(str(cfg.out)), "out")
+        check_writable(Path(str(cfg.out)), "out")
     else:
-        runs.check_writable(Path(str(cfg.output_root)), "output_root")
+        check_writable(Path(str(cfg.output_root)), "output_root")
 
 
 def _require(option: str, value: Any, kind: type, minimum: int, what: str) -> None:
@@ -326,11 +327,7 @@ def output_dir(cfg: DictConfig, loaded: LoadedModel) -> Path:
     else:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
         out = Path(str(cfg.output_root)) / "evaluate" / f"{loaded.name}_{stamp}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"out={out} exists and is not an empty folder; dwskd never overwrites results. "
-            "Choose another out= (or leave it out for a new time-stamped folder)."
-        )
+    refuse_existing_folder(out, "out", "or leave it out for a new time-stamped folder")
     return out
 
 

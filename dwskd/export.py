@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dwskd import exported, runs
+from dwskd import exported
 from dwskd.commands import hydra_main
+from dwskd.io import atomic_write, check_writable, refuse_existing
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
     import torch
@@ -66,11 +67,8 @@ def check_request(out: Path, fmt: str) -> None:
             f"out={out} does not match format={fmt}: its name must end in "
             f"{' or '.join(FORMATS[fmt])}."
         )
-    if out.exists():
-        raise FileExistsError(
-            f"{out} already exists; refusing to overwrite it. Choose another out= path."
-        )
-    runs.check_writable(out, "out")
+    refuse_existing(out)
+    check_writable(out, "out")
 
 
 def require_onnx(check: bool) -> None:
@@ -382,7 +380,7 @@ def export_model(
         diffs = check_parity(net, tmp, fmt, shape) if check else None
 
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())  # about
-    runs.atomic_write(out, write, size=size, publish=_publish)
+    atomic_write(out, write, size=size, publish=_publish)
     dims = ", ".join(map(str, shape))
     print(f"wrote {out} ({fmt} of {folder}): '{INPUT_NAME}' (N, {dims}) -> '{OUTPUT_NAME}'")
     return {

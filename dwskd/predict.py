@@ -16,7 +16,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dwskd import runs
 from dwskd.commands import hydra_main
 from dwskd.inference import (
     InferenceError,
@@ -26,14 +25,7 @@ from dwskd.inference import (
     load,
     run_model,
 )
-
-
-def refuse_existing(out: Path) -> None:
-    """Never overwrite earlier predictions: fail before any model is loaded."""
-    if out.exists():
-        raise FileExistsError(
-            f"out={out} already exists; refusing to overwrite it. Choose another out= path."
-        )
+from dwskd.io import atomic_write, check_writable, refuse_existing
 
 
 def write_predictions(out: Path, predictions: Predictions) -> Path:
@@ -51,7 +43,7 @@ def write_predictions(out: Path, predictions: Predictions) -> Path:
         with tmp.open("w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
 
-    return runs.atomic_write(out, write)
+    return atomic_write(out, write)
 
 
 def summary(predictions: Predictions, model_folder: Path, out: Path) -> str:
@@ -68,8 +60,8 @@ def summary(predictions: Predictions, model_folder: Path, out: Path) -> str:
 def run(cfg: DictConfig) -> Predictions:
     """Predict ``cfg.input`` with ``cfg.model`` and write ``cfg.out`` (checks come first)."""
     out = Path(cfg.out).expanduser()
-    refuse_existing(out)
-    runs.check_writable(out, "out")
+    refuse_existing(out)  # never overwrite earlier predictions: fail before any model loads
+    check_writable(out, "out")
     check_policy(cfg.bad_images)
     files = list_inputs(cfg.input)
     loaded = load(cfg.model, cfg.model_name)
