@@ -103,16 +103,18 @@ def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize(
     "command",
     [
-        lambda out: predict(compose_command("predict", ["model=nowhere", "input=x", f"out={out}"])),
+        lambda out: predict(
+            compose_command("predict", ["model_dir=nowhere", "input=x", f"out={out}"])
+        ),
         lambda out: evaluate(
-            compose_command("evaluate", ["model=nowhere", "data.root=x", f"out={out}"])
+            compose_command("evaluate", ["model_dir=nowhere", "data.root=x", f"out={out}"])
         ),
         lambda out: export.export_model("nowhere", out, fmt="torchscript"),
     ],
     ids=["predict", "evaluate", "export"],
 )
 def test_unwritable_out_is_refused_before_any_work(read_only: Path, command) -> None:
-    """``model=nowhere``: a check after loading the model would fail on the model instead."""
+    """``model_dir=nowhere``: a check after loading the model would fail on the model instead."""
     out = read_only / "sub" / "preds.pt"
     with pytest.raises(OutputError) as refused:
         command(out)
@@ -152,7 +154,7 @@ def test_failed_write_into_a_read_only_folder_names_the_file_once(
     ],
 )
 def test_bad_evaluation_options_are_named_before_loading(option: str, message: str) -> None:
-    cfg = compose_command("evaluate", ["model=nowhere", "data.root=x", option])
+    cfg = compose_command("evaluate", ["model_dir=nowhere", "data.root=x", option])
     with pytest.raises(EvaluationError, match=message):
         evaluate(cfg)
 
@@ -288,10 +290,12 @@ def test_user_errors_print_their_message_alone(run_dir: Path, tmp_path: Path) ->
     run = copy_run(run_dir, tmp_path / "run")
     shutil.rmtree(run / "exports")
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    args = (f"model={run}", f"input={tmp_path / 'x.png'}", f"out={tmp_path / 'p.csv'}")
+    args = (f"model_dir={run}", f"input={tmp_path / 'x.png'}", f"out={tmp_path / 'p.csv'}")
     done = run_module("dwskd.predict", *args)
     assert done.returncode == 1
-    assert done.stderr.startswith(f"model={run} is a finished run whose exports/ folder is missing")
+    assert done.stderr.startswith(
+        f"model_dir={run} is a finished run whose exports/ folder is missing"
+    )
     assert done.stderr.count("\n") == 1  # the message, one line, and nothing else
     env = dict(os.environ, HYDRA_FULL_ERROR="1", HF_HUB_OFFLINE="1")
     full = subprocess.run(
