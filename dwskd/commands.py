@@ -1,22 +1,23 @@
-"""Small Hydra commands (predict, evaluate, export): their configs and their ``main()``.
+"""What every command shares: plain user errors, and the renamed ``model=`` option.
 
 Light on purpose (no torch): ``--help`` and bad arguments are answered before the heavy
-imports. Why a ConfigStore: ``conf/`` holds a ``model`` config group, so with
-``config_path=conf`` Hydra would read ``model=<path>`` as a choice of that group ("No match
-in the defaults list"); a command's own yaml stored under another name, composed with
-``config_path=None``, keeps ``model`` a plain value.
+imports. Every command (``dwskd.run``, ``dwskd-select``, ``dwskd-predict``, ``dwskd-eval``,
+``dwskd-export``) is a plain ``@hydra.main(config_path=CONFIG_DIR, config_name=<its yaml>)``
+that runs its work inside :func:`plain_user_errors`, so a refusal prints its message, not a
+traceback.
 
-Every command (these, ``dwskd.run`` and ``dwskd-select``) runs its work inside
-:func:`plain_user_errors`, so a refusal prints its message, not a traceback.
+Why ``model_dir=``: predict, evaluate and export once took the model's path as ``model=``, but
+``conf/`` holds a ``model`` config group, so Hydra read ``model=<path>`` as a choice of that
+group. They now take ``model_dir=``; :func:`accept_renamed_options` still reads ``model=`` on
+their command line, with a one-line warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,50 +90,46 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def command_config(name: str) -> str:
-    """Store ``conf/<name>.yaml`` in Hydra's ConfigStore; return the name to compose."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+def compose_command(name: str, overrides: Sequence[str] = ()) -> Any:
+    """``conf/<name>.yaml`` with ``key=value`` overrides, as its command composes it (tests, API)."""
+    from hydra import compose, initialize_config_dir
 
     from dwskd import CONFIG_DIR
 
-    stored = f"dwskd_{name}"
-    ConfigStore.instance().store(
-        name=stored, node=OmegaConf.load(Path(CONFIG_DIR) / f"{name}.yaml")
-    )
-    return stored
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
 
 
-def compose_command(name: str, overrides: Sequence[str] = ()) -> Any:
-    """The command's config with ``key=value`` overrides, as its CLI composes it (tests, API)."""
-    from hydra import compose, initialize
-
-    stored = command_config(name)
-    with initialize(version_base="1.3", config_path=None):
-        return compose(config_name=stored, overrides=list(overrides))
+# ------------------------------------------------------------------------- renamed options
+#: Options renamed on the command line: old key -> new key (``model=`` was the model's path).
+RENAMED_OPTIONS = {"model": "model_dir"}
 
 
-def hydra_main(name: str, run: Callable[[Any], Any]) -> Callable[[], None]:
-    """A console script's ``main()``: Hydra parses ``key=value`` arguments, then ``run(cfg)``."""
+def accept_renamed_options(command: str, argv: list[str] | None = None) -> list[str]:
+    """Rewrite renamed ``key=value`` arguments (``model=``) to their new key, in place in
+    ``argv`` (``sys.argv`` by default) before Hydra parses them; one warning line on stderr.
 
-    def main() -> None:
-        import hydra
+    Only the exact old key: ``model_name=`` and ``model_dir=`` pass unchanged.
+    """
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv[1:], start=1):
+        key, equals, value = arg.partition("=")
+        if equals and key in RENAMED_OPTIONS:
+            new = RENAMED_OPTIONS[key]
+            argv[i] = f"{new}={value}"
+            sys.stderr.write(
+                f"{command}: {key}= is deprecated and will be removed; use {new}= "
+                f"(read {key}={value} as {new}={value}).\n"
+            )
+    return argv
 
-        @functools.wraps(run)
-        def task(cfg: Any) -> Any:
-            with plain_user_errors():
-                return run(cfg)
 
-        task.__module__ = _import_name(run)  # Hydra's job name (``-m`` makes it __main__)
-        hydra.main(config_path=None, config_name=command_config(name), version_base="1.3")(task)()
-
-    return main
-
-
-def _import_name(function: Callable) -> str:
-    """The module a function comes from, as imported (``dwskd.predict``, also under ``-m``)."""
-    spec = getattr(sys.modules.get(function.__module__), "__spec__", None)
-    return spec.name if spec is not None else function.__module__
+def model_dir(cfg: Any) -> str:
+    """The command's ``model_dir``; a config built with the old key ``model`` (as
+    :func:`dwskd.external.evaluation_options` still builds one) is read the same way."""
+    if "model_dir" not in cfg and cfg.get("model") is not None:  # model_dir missing (???)
+        return str(cfg.model)
+    return str(cfg.model_dir)
 
 
 class KeepEarlierSweepConfig(Callback):

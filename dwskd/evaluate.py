@@ -2,7 +2,7 @@
 
 Example (a 4-class tumour model on a 2-class external set)::
 
-    python -m dwskd.evaluate model=outputs/brain_mri/dwskd/<run> data.root=/data/hospital_b \\
+    python -m dwskd.evaluate model_dir=outputs/brain_mri/dwskd/<run> data.root=/data/hospital_b \\
         'class_map={no_tumor: no_tumor, tumor: [glioma_tumor, meningioma_tumor, pituitary_tumor]}'
 
 Why a separate command: a model is deployed where data differ from its training set, and the
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dwskd import runs
-from dwskd.commands import hydra_main
+from dwskd import CONFIG_DIR, runs
+from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
 from dwskd.data.checks import check_several_classes, check_single_label, file_digests, scan_split
 from dwskd.inference import (
     InferenceError,
@@ -38,6 +39,7 @@ from dwskd.inference import (
     load,
     run_model,
 )
+from dwskd.io import check_writable, refuse_existing_folder
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
     import torch
@@ -272,9 +274,9 @@ def check_options(cfg: DictConfig) -> None:
     _require("saliency", cfg.saliency, int, 0, "an integer >= 0 (0: no saliency maps)")
     _require("batch_size", cfg.batch_size, int, 1, at_least_one)
     if cfg.out is not None:
-        runs.check_writable(Path(str(cfg.out)), "out")
+        check_writable(Path(str(cfg.out)), "out")
     else:
-        runs.check_writable(Path(str(cfg.output_root)), "output_root")
+        check_writable(Path(str(cfg.output_root)), "output_root")
 
 
 def _require(option: str, value: Any, kind: type, minimum: int, what: str) -> None:
@@ -326,11 +328,7 @@ def output_dir(cfg: DictConfig, loaded: LoadedModel) -> Path:
     else:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
         out = Path(str(cfg.output_root)) / "evaluate" / f"{loaded.name}_{stamp}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"out={out} exists and is not an empty folder; dwskd never overwrites results. "
-            "Choose another out= (or leave it out for a new time-stamped folder)."
-        )
+    refuse_existing_folder(out, "out", "or leave it out for a new time-stamped folder")
     return out
 
 
@@ -808,9 +806,9 @@ def summary(results: Mapping[str, Any], out: Path) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` on ``cfg.data.root`` and write ``out``; every check comes first."""
+    """Evaluate ``cfg.model_dir`` on ``cfg.data.root`` and write ``out``; every check comes first."""
     check_options(cfg)
-    loaded = load(cfg.model, cfg.model_name)
+    loaded = load(model_dir(cfg), cfg.model_name, option="model_dir")
     preprocessing = check_preprocessing(cfg.data, loaded.preprocessing, bool(cfg.allow_resize))
     preprocessing.update(mean=list(loaded.preprocessing.mean), std=list(loaded.preprocessing.std))
     out = output_dir(cfg, loaded)
@@ -833,7 +831,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-main = hydra_main("evaluate", run)  # console script dwskd-eval
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    with plain_user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    """Console script ``dwskd-eval``."""
+    accept_renamed_options("dwskd-eval")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """``python -m dwskd.export`` / ``dwskd-export``: a trained model as one deployable file.
 
-Examples (``model=`` is a finished run dir, giving its deployed model, or a model folder)::
+Examples (``model_dir=`` is a finished run dir, giving its deployed model, or a model folder)::
 
-    python -m dwskd.export model=outputs/lung_ct/dwskd/<run> format=onnx out=student.onnx
-    python -m dwskd.export model=<run dir> model_name=teacher format=torch_export out=teacher.pt2
-    python -m dwskd.export model=<run dir>/exports/student_a format=torchscript out=student_a.pt
+    python -m dwskd.export model_dir=outputs/lung_ct/dwskd/<run> format=onnx out=student.onnx
+    python -m dwskd.export model_dir=<run dir> model_name=teacher format=torch_export out=t.pt2
+    python -m dwskd.export model_dir=<run dir>/exports/student_a format=torchscript out=a.pt
 
 Every file has one input, ``image``: a float32 batch (N, C, H, W), any N, already resized
 and normalised as the model was trained (its preprocessing travels inside the file), and
@@ -37,8 +37,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dwskd import exported, runs
-from dwskd.commands import hydra_main
+import hydra
+from omegaconf import DictConfig
+
+from dwskd import CONFIG_DIR, exported
+from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
+from dwskd.io import atomic_write, check_writable, refuse_existing
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
     import torch
@@ -66,11 +70,8 @@ def check_request(out: Path, fmt: str) -> None:
             f"out={out} does not match format={fmt}: its name must end in "
             f"{' or '.join(FORMATS[fmt])}."
         )
-    if out.exists():
-        raise FileExistsError(
-            f"{out} already exists; refusing to overwrite it. Choose another out= path."
-        )
-    runs.check_writable(out, "out")
+    refuse_existing(out)
+    check_writable(out, "out")
 
 
 def require_onnx(check: bool) -> None:
@@ -360,16 +361,19 @@ def export_model(
     model_name: str | None = None,
     opset: int = 18,
     check: bool = True,
+    option: str = "model",
 ) -> dict[str, Any]:
-    """Export the model folder (or run dir's model) to ``out``; return what was written."""
+    """Export the model folder (or run dir's model) to ``out``; return what was written.
+
+    ``option``: how messages about ``model`` name it (the command's ``model_dir``)."""
     import torch
 
     out = Path(out).expanduser()
     check_request(out, fmt)
     if fmt == "onnx":
         require_onnx(check)
-    folder = exported.resolve_model_folder(Path(model), model_name)
-    net, config = exported.load_model_folder(folder)
+    folder = exported.resolve_model_folder(Path(model), model_name, option)
+    net, config = exported.load_model_folder(folder, option)
     meta = build_metadata(folder, config, fmt, opset)
     pre = meta["preprocessing"]
     shape = (pre["in_chans"], pre["img_size"], pre["img_size"])
@@ -382,7 +386,7 @@ def export_model(
         diffs = check_parity(net, tmp, fmt, shape) if check else None
 
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())  # about
-    runs.atomic_write(out, write, size=size, publish=_publish)
+    atomic_write(out, write, size=size, publish=_publish)
     dims = ", ".join(map(str, shape))
     print(f"wrote {out} ({fmt} of {folder}): '{INPUT_NAME}' (N, {dims}) -> '{OUTPUT_NAME}'")
     return {
@@ -394,19 +398,29 @@ def export_model(
     }
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra config (conf/export.yaml) as a call to :func:`export_model`."""
     return export_model(
-        model=cfg.model,
+        model=model_dir(cfg),
         out=cfg.out,
         fmt=cfg.format,
         model_name=cfg.model_name,
         opset=int(cfg.opset),
         check=bool(cfg.check),
+        option="model_dir",
     )
 
 
-main = hydra_main("export", run)  # console script dwskd-export
+@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    with plain_user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    """Console script ``dwskd-export``."""
+    accept_renamed_options("dwskd-export")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def write_model_folder(
             (tmp / WEIGHTS_FILE).unlink()
             _link_or_copy(Path(weights), tmp / WEIGHTS_FILE)
         else:  # safetensors wrote it 0600: give it the mode of any new file
-            from dwskd.runs import new_file_mode
+            from dwskd.io import new_file_mode
 
             os.chmod(tmp / WEIGHTS_FILE, new_file_mode())
         if folder.exists():

@@ -6,7 +6,6 @@ that shape a result (:func:`package_versions`) and the code's git commit (:func:
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 import shutil
@@ -95,7 +94,3 @@ def _git(git: str, cwd: Path, *args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
-
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -98,7 +98,7 @@ def read_state_dict(path: str | Path, *, option: str = "teacher.file") -> dict[s
             f"{option}={path} does not exist or is not a file: " + _FIX.format(option=option)
         )
     state = _single_student(_load_checkpoint(path, option), path, option)
-    tensors = {_strip_prefixes(k): v for k, v in state.items() if torch.is_tensor(v)}
+    tensors = _strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
     if not tensors:
         raise ModelConfigError(
             f"{option}={path} holds no weight tensors. Re-export it, or "
@@ -202,15 +202,18 @@ def _single_student(state: dict[str, Any], path: Path, option: str) -> dict[str,
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _strip_prefixes(key: str) -> str:
-    """``model.`` (a Lightning wrapper attribute), ``module.`` / ``_orig_mod.`` (DDP, compile)."""
-    changed = True
-    while changed:
-        changed = False
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model.`` (a Lightning wrapper attribute), ``module.`` / ``_orig_mod.`` (DDP, compile),
+    stripped from the keys (in place) by torch's own helper, until none starts with one: they
+    stack in any order (``model._orig_mod.``)."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    before = None
+    while before != list(state):
+        before = list(state)
         for prefix in _STATE_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+            consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict, bool]:

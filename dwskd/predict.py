@@ -2,9 +2,9 @@
 
 Example::
 
-    python -m dwskd.predict model=outputs/synthetic/dwskd/<run> input=scans/ out=preds.csv
+    python -m dwskd.predict model_dir=outputs/synthetic/dwskd/<run> input=scans/ out=preds.csv
 
-``model`` is a finished run dir (its deployed model, or ``model_name=``) or an exported model
+``model_dir`` is a finished run dir (its deployed model, or ``model_name=``) or an exported model
 folder; ``input`` an image, a folder (recursive) or a .csv of paths. Writes ``out`` with the
 columns ``file, predicted_label, prob_<class>...`` and never overwrites an existing file.
 """
@@ -14,10 +14,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig
 
-from dwskd import runs
-from dwskd.commands import hydra_main
+from dwskd import CONFIG_DIR
+from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
 from dwskd.inference import (
     InferenceError,
     Predictions,
@@ -26,14 +27,7 @@ from dwskd.inference import (
     load,
     run_model,
 )
-
-
-def refuse_existing(out: Path) -> None:
-    """Never overwrite earlier predictions: fail before any model is loaded."""
-    if out.exists():
-        raise FileExistsError(
-            f"out={out} already exists; refusing to overwrite it. Choose another out= path."
-        )
+from dwskd.io import atomic_write, check_writable, refuse_existing
 
 
 def write_predictions(out: Path, predictions: Predictions) -> Path:
@@ -51,7 +45,7 @@ def write_predictions(out: Path, predictions: Predictions) -> Path:
         with tmp.open("w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
 
-    return runs.atomic_write(out, write)
+    return atomic_write(out, write)
 
 
 def summary(predictions: Predictions, model_folder: Path, out: Path) -> str:
@@ -66,13 +60,13 @@ def summary(predictions: Predictions, model_folder: Path, out: Path) -> str:
 
 
 def run(cfg: DictConfig) -> Predictions:
-    """Predict ``cfg.input`` with ``cfg.model`` and write ``cfg.out`` (checks come first)."""
+    """Predict ``cfg.input`` with ``cfg.model_dir`` and write ``cfg.out`` (checks come first)."""
     out = Path(cfg.out).expanduser()
-    refuse_existing(out)
-    runs.check_writable(out, "out")
+    refuse_existing(out)  # never overwrite earlier predictions: fail before any model loads
+    check_writable(out, "out")
     check_policy(cfg.bad_images)
     files = list_inputs(cfg.input)
-    loaded = load(cfg.model, cfg.model_name)
+    loaded = load(model_dir(cfg), cfg.model_name, option="model_dir")
     predictions = run_model(
         loaded,
         files,
@@ -91,7 +85,16 @@ def run(cfg: DictConfig) -> Predictions:
     return predictions
 
 
-main = hydra_main("predict", run)  # console script dwskd-predict
+@hydra.main(config_path=CONFIG_DIR, config_name="predict", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    with plain_user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    """Console script ``dwskd-predict``."""
+    accept_renamed_options("dwskd-predict")
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
 
     .hydra/{config,overrides,hydra}.yaml    written by dwskd once the run is accepted
-    run.lock                                held (flock) by the process running here; names it
+    run.lock                                held (filelock) by the process running here; names it
     record.json                             config the run started with, fingerprint, resumes, time
     stages/<stage>/done.json                a finished stage: seed, config fingerprint, exports
     stages/<stage>/<model>.safetensors      the stage's exported weights (best on validation)
@@ -16,15 +16,13 @@ Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
 Policy: a finished run (``metrics.json``) is never touched again; a run dir is used by one
 process at a time; a stopped run resumes only with the config it started with (the keys in
 ``IGNORED_KEYS`` aside) unless ``resume.allow_config_changes=true``; every file is written
-under a temporary name and renamed, so a crash or a full disk leaves no partial file.
+under a temporary name and renamed (:func:`dwskd.io.atomic_write`), so a crash or a full disk
+leaves no partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +33,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Moved to dwskd.io (which owns writing files); still reachable as ``runs.<name>`` for the
+# modules that write a run's files through this one (pipeline, report, training, external).
+from dwskd.io import atomic_write, file_sha256, now_iso, read_json, write_json, write_text
 
 LAYOUT_VERSION = 2
 STAGES = ("teacher", "select", "train", "finetune")
@@ -65,169 +67,6 @@ IGNORED_KEYS = (
 
 class RunDirError(RuntimeError):
     """A run dir that cannot be used as asked; nothing in it was changed."""
-
-
-class OutputError(OSError):
-    """A file dwskd was asked to write cannot be written (folder not writable, disk full);
-    no partial file was left. The message names the path and what to do."""
-
-    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
-        return self.strerror or super().__str__()
-
-
-def now_iso() -> str:
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-# ------------------------------------------------------------------------- atomic files
-def atomic_write(
-    path: Path,
-    write: Callable[[Path], None],
-    *,
-    size: int | None = None,
-    publish: Callable[[Path, Path], None] = os.replace,
-) -> Path:
-    """Call ``write(tmp)``, then ``publish(tmp, path)`` (a rename): no reader sees a partial file.
-
-    Every dwskd file goes through here, so a failed write is reported once, well: naming
-    ``path`` (not the temporary name), a full disk as "No space left on <path> (needed about
-    N MB)" (``size``: the expected bytes, when known) instead of a serialiser's "unexpected
-    pos", and the temporary file removed without a second error. The temporary name keeps
-    ``path``'s suffix (torch.export wants ``.pt2``); the file gets :func:`new_file_mode`.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        publish(tmp, path)
-    except Exception as err:
-        failure = write_failure(path, tmp, err, size)
-        if failure is None:
-            raise
-        raise failure from err
-    finally:
-        with contextlib.suppress(OSError):  # e.g. EROFS: the failure above is the one to report
-            tmp.unlink(missing_ok=True)
-    return path
-
-
-NO_SPACE = {errno.ENOSPC: "No space left on", errno.EDQUOT: "Disk quota exceeded for"}
-NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
-SHORT_WRITE = "unexpected pos"  # torch's archive writer: a write fell short, errno lost
-NEARLY_FULL = 64 << 20  # free bytes below which a short write means a full disk
-
-
-def write_failure(
-    path: Path, tmp: Path, err: Exception, size: int | None = None
-) -> OutputError | None:
-    """A failed write of ``path`` as an error that says what happened; None: not an I/O failure.
-
-    Serialisers report a full disk in their own words: safetensors "No space left on device
-    (os error 28)", torch "[enforce fail ...] unexpected pos" (which a quota or a failing
-    disk gives too: it counts as a full disk only when the disk has next to nothing free).
-    """
-    text, code = str(err), getattr(err, "errno", None)
-    if code not in NO_SPACE and ("No space left on device" in text or "os error 28" in text):
-        code = errno.ENOSPC
-    folder = existing_folder(path)
-    if code in NO_SPACE or SHORT_WRITE in text:
-        written = 0
-        with contextlib.suppress(OSError):
-            written = tmp.stat().st_size  # what it wrote before it failed
-        free = shutil.disk_usage(folder).free
-        needed = f"needed about {_mb(size)}" if size else f"needed more than {_mb(written)}"
-        if code in NO_SPACE or free < max(size or written, NEARLY_FULL):
-            return OutputError(
-                errno.ENOSPC if code is None else code,
-                f"{NO_SPACE.get(code, NO_SPACE[errno.ENOSPC])} {path} ({needed}, {_mb(free)} "
-                f"free on {folder}). Free some space or write to another disk; no partial file "
-                "was left.",
-            )
-        return OutputError(
-            errno.EIO,
-            f"Could not write {path}: the writer stopped short ({text.strip()}) although "
-            f"{_mb(free)} are free on {folder}; a disk quota or a failing disk? No partial file "
-            "was left.",
-        )
-    if code in NOT_WRITABLE:
-        return OutputError(
-            code,
-            f"Cannot write {path}: {os.strerror(code)} in {folder}. Choose a folder you can "
-            "write; no partial file was left.",
-        )
-    return None
-
-
-def _mb(size: int | None) -> str:
-    return f"{(size or 0) / 1e6:.1f} MB"
-
-
-def existing_folder(path: Path) -> Path:
-    """The nearest existing folder at or above ``path``: where missing folders would be made."""
-    folder = Path(path).expanduser().absolute()
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-def check_writable(path: Path, option: str = "out") -> None:
-    """Refuse, before any work, an output path (file or folder) this process cannot write.
-
-    Why first: evaluating thousands of images and only then failing on a read-only ``out``
-    wastes the work. It checks the nearest existing folder at or above ``path``.
-    """
-    absolute = Path(path).expanduser().absolute()
-    blocker = absolute
-    while not blocker.exists() and blocker != blocker.parent:
-        blocker = blocker.parent
-    if not blocker.is_dir():
-        why = f"{blocker} is a file, not a folder"
-    elif not os.access(blocker, os.W_OK | os.X_OK):
-        read_only = os.statvfs(blocker).f_flag & os.ST_RDONLY
-        why = f"{blocker} is " + ("on a read-only file system" if read_only else "not writable")
-    else:
-        return
-    raise OutputError(
-        f"{option}={path} cannot be written: {why}. Choose another {option}= in a folder you "
-        "can write (nothing was done)."
-    )
-
-
-def new_file_mode() -> int:
-    """``0o666 & ~umask``: the mode ``open()`` gives a new file (group/others may read it).
-
-    Why: some writers (safetensors) create their file 0600, so a teammate on a shared
-    cluster could not read the weights of a run.
-    """
-    with contextlib.suppress(OSError, ValueError, IndexError):  # Linux: read, do not set
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------- config records
@@ -395,36 +234,53 @@ def finished_layout(run_dir: Path) -> RunLayout:
 
 # ------------------------------------------------------------------------- lock
 class RunLock:
-    """An exclusive ``flock`` on ``run.lock``: released by the OS even when the holder is killed."""
+    """An exclusive lock on ``run.lock`` (filelock's ``flock``): released by the OS even when
+    the holder is killed. The holder writes its pid, host and start time into the file, so that
+    a refused process can name it.
+
+    Taken with ``timeout=0``: a second process is refused at once, never queued behind a run
+    that may take days. Not thread-local, so any thread of the holder may release it; the file
+    is kept on release (``preserve_lock_file``), so that there is never a soft-lock fallback,
+    whose marker a killed holder would leave behind.
+    """
 
     def __init__(self, path: Path) -> None:
+        from filelock import FileLock
+
         self.path = Path(path)
-        self._fd: int | None = None
+        self._lock = FileLock(
+            self.path,
+            timeout=0,
+            thread_local=False,
+            fallback_to_soft=False,
+            preserve_lock_file=True,
+            on_acquired=_write_holder,
+        )
 
     def acquire(self) -> None:
+        from filelock import Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._lock.acquire()
+        except Timeout:
             raise self._in_use(self.path.read_text()) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode())
-        self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._lock.is_locked:
+            self._lock.release()
 
     def refuse_if_held(self) -> None:
         """Refuse, naming the holder, when another process holds the lock; take and write nothing.
 
         Why before anything else: "in use by pid N" is the answer to a second command on a
         running run, whatever its options; a config comparison would call it "stopped".
+        Why ``fcntl`` here and not filelock: filelock can only test a lock by taking it
+        (exclusive, creating the file); a shared probe does neither, so two processes probing at
+        once do not refuse each other.
         """
+        import fcntl
+
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -442,6 +298,12 @@ class RunLock:
             f"({holder.strip() or 'unknown process'}). Wait for it to finish or stop that "
             "process; to run in parallel choose another hydra.run.dir."
         )
+
+
+def _write_holder(fd: int) -> None:
+    """filelock's ``on_acquired``: the new holder's name, in place of the last holder's."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}".encode(), 0)
 
 
 # ------------------------------------------------------------------------- opening a run

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dwskd.io import refuse_existing
+
 METHODS = ("auto", "gradcam", "rollout")
 _IMAGE_SUFFIX = re.compile(r"\.(png|jpe?g|tiff?|bmp|gif|npy|npz|dcm)$", re.IGNORECASE)
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -293,8 +295,7 @@ def _overlay_paths(names: Sequence[str], out_dir: Path) -> list[Path]:
         path = out_dir / f"{(stem or 'image')[:150]}.png"
         if path in paths:
             raise ValueError(f"names {paths[path]!r} and {name!r} both map to {path.name}")
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+        refuse_existing(path, option=None)
         paths[path] = name
     return list(paths)
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dwskd import CONFIG_DIR, runs
+from dwskd import CONFIG_DIR
 from dwskd.commands import plain_user_errors
+from dwskd.io import check_writable, refuse_existing
 
 if TYPE_CHECKING:  # torch and timm load where they are used: --help stays instant
     from torch import nn
@@ -72,19 +73,15 @@ def teacher_provenance(cfg: DictConfig) -> dict[str, str | None]:
     }
 
 
-def refuse_existing(out: Path) -> None:
-    """Never overwrite earlier results: fail before any work is done."""
+def check_out(out: Path) -> None:
+    """A .safetensors path that can be written and overwrites nothing: checked before any work."""
     from dwskd.models import ModelConfigError
     from dwskd.selection import plan_sidecar
 
     if out.suffix != ".safetensors":
         raise ModelConfigError(f"out={out} must end in .safetensors.")
-    for path in (out, plan_sidecar(out)):
-        if path.exists():
-            raise FileExistsError(
-                f"{path} already exists; refusing to overwrite it. Choose another out= path."
-            )
-    runs.check_writable(out, "out")
+    refuse_existing(out, plan_sidecar(out))
+    check_writable(out, "out")
 
 
 def run(cfg: DictConfig) -> SelectionPlan:
@@ -93,7 +90,7 @@ def run(cfg: DictConfig) -> SelectionPlan:
     from dwskd.selection import initialize_from_teacher, save_selection
 
     out = Path(cfg.out)
-    refuse_existing(out)
+    check_out(out)
     recipe = recipe_from_config(cfg.selection)
     teacher, head = load_teacher(cfg)
     if not head.trained and recipe.head == "auto":

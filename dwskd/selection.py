@@ -446,13 +446,10 @@ def save_selection(path: Path, state: Mapping[str, Tensor], plan: SelectionPlan)
     """
     from safetensors.torch import save_file
 
+    from dwskd.io import atomic_write, refuse_existing, write_text
+
     path, sidecar = Path(path), plan_sidecar(Path(path))
-    for existing in (path, sidecar):
-        if existing.exists():
-            raise FileExistsError(
-                f"{existing} already exists; refusing to overwrite it. Choose another out= path."
-            )
-    from dwskd.runs import atomic_write, write_text
+    refuse_existing(path, sidecar)
 
     plan_json = json.dumps(plan.to_dict(), indent=1)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}

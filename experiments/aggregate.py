@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dwskd.machine import now_iso
+from dwskd.io import now_iso
 from dwskd.runs import RunLayout, read_results
 from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines
 

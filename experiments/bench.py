@@ -45,8 +45,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dwskd.distill import DistillOptions
+from dwskd.io import now_iso
 from dwskd.loggers import RunNames
-from dwskd.machine import machine_info, now_iso
+from dwskd.machine import machine_info
 from dwskd.models import create_model, measure_latency
 from dwskd.module import DistillModule
 from dwskd.selection import SelectionRecipe, initialize_from_teacher

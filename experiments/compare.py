@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
-from dwskd.machine import now_iso
+from dwskd.io import now_iso
 from dwskd.runs import IGNORED_KEYS, RunLayout, flatten, read_results
 from experiments.aggregate import deployed_summary, mean_std, pct, plain
 from experiments.common import invocation

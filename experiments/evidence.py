@@ -41,7 +41,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dwskd import exported
-from dwskd.machine import now_iso
+from dwskd.io import now_iso
 from dwskd.runs import RunLayout, read_results
 from experiments import aggregate, external_table, paper
 from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress

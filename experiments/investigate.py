@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dwskd.machine import machine_info, now_iso
+from dwskd.io import now_iso
+from dwskd.machine import machine_info
 from dwskd.runs import RunLayout, read_results
 from experiments.aggregate import mean_std, pct
 from experiments.common import (

@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dwskd.machine import machine_info, now_iso
-from dwskd.runs import RunLayout, atomic_write
+from dwskd.io import atomic_write, now_iso
+from dwskd.machine import machine_info
+from dwskd.runs import RunLayout
 from experiments import aggregate
 from experiments.common import (
     METHODS,

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dwskd.machine import machine_info, now_iso
+from dwskd.io import now_iso
+from dwskd.machine import machine_info
 from dwskd.runs import read_results
 from experiments import paper
 from experiments.aggregate import mean_std, plain

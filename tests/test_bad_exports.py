@@ -135,7 +135,7 @@ def labelled_images(root: Path, names: tuple[str, str]) -> Path:
 def evaluate(model: Path, root: Path, out: Path, *overrides: str) -> dict:
     return run(
         compose_command(
-            "evaluate", [f"model={model}", f"data.root={root}", f"out={out}", *FAST, *overrides]
+            "evaluate", [f"model_dir={model}", f"data.root={root}", f"out={out}", *FAST, *overrides]
         )
     )
 

@@ -26,6 +26,7 @@ from dwskd.commands import compose_command, is_user_error, user_error
 from dwskd.evaluate import EvaluationError
 from dwskd.evaluate import run as evaluate
 from dwskd.exported import ExportError
+from dwskd.io import OutputError, atomic_write
 from dwskd.predict import run as predict
 from tests.conftest import REPO, run_module
 from tests.test_bad_exports import write_folder
@@ -102,18 +103,20 @@ def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize(
     "command",
     [
-        lambda out: predict(compose_command("predict", ["model=nowhere", "input=x", f"out={out}"])),
+        lambda out: predict(
+            compose_command("predict", ["model_dir=nowhere", "input=x", f"out={out}"])
+        ),
         lambda out: evaluate(
-            compose_command("evaluate", ["model=nowhere", "data.root=x", f"out={out}"])
+            compose_command("evaluate", ["model_dir=nowhere", "data.root=x", f"out={out}"])
         ),
         lambda out: export.export_model("nowhere", out, fmt="torchscript"),
     ],
     ids=["predict", "evaluate", "export"],
 )
 def test_unwritable_out_is_refused_before_any_work(read_only: Path, command) -> None:
-    """``model=nowhere``: a check after loading the model would fail on the model instead."""
+    """``model_dir=nowhere``: a check after loading the model would fail on the model instead."""
     out = read_only / "sub" / "preds.pt"
-    with pytest.raises(runs.OutputError) as refused:
+    with pytest.raises(OutputError) as refused:
         command(out)
     assert str(refused.value) == (
         f"out={out} cannot be written: {read_only} is not writable. Choose another out= in a "
@@ -131,8 +134,8 @@ def test_failed_write_into_a_read_only_folder_names_the_file_once(
 
     monkeypatch.setattr(Path, "unlink", read_only_fs)
     target = tmp_path / "preds.csv"
-    with pytest.raises(runs.OutputError) as refused:
-        runs.atomic_write(target, read_only_fs)
+    with pytest.raises(OutputError) as refused:
+        atomic_write(target, read_only_fs)
     assert str(refused.value).startswith(f"Cannot write {target}: Read-only file system in")
     assert ".tmp-" not in str(refused.value)
     assert isinstance(refused.value.__cause__, OSError)  # the original, as the cause
@@ -151,7 +154,7 @@ def test_failed_write_into_a_read_only_folder_names_the_file_once(
     ],
 )
 def test_bad_evaluation_options_are_named_before_loading(option: str, message: str) -> None:
-    cfg = compose_command("evaluate", ["model=nowhere", "data.root=x", option])
+    cfg = compose_command("evaluate", ["model_dir=nowhere", "data.root=x", option])
     with pytest.raises(EvaluationError, match=message):
         evaluate(cfg)
 
@@ -175,8 +178,8 @@ def test_full_disk_is_named_with_the_space_needed(
 ) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     target = tmp_path / "student_a.safetensors"
-    with pytest.raises(runs.OutputError) as refused:
-        runs.atomic_write(target, writes_then_fails(error), size=5_000_000)
+    with pytest.raises(OutputError) as refused:
+        atomic_write(target, writes_then_fails(error), size=5_000_000)
     assert str(refused.value).startswith(
         f"No space left on {target} (needed about 5.0 MB, 0.0 MB free on {tmp_path})."
     )
@@ -185,8 +188,8 @@ def test_full_disk_is_named_with_the_space_needed(
 
 
 def test_short_write_with_space_left_is_not_called_a_full_disk(tmp_path: Path) -> None:
-    with pytest.raises(runs.OutputError, match="the writer stopped short .*unexpected pos"):
-        runs.atomic_write(tmp_path / "last.ckpt", writes_then_fails(RuntimeError(FULL_DISK)))
+    with pytest.raises(OutputError, match="the writer stopped short .*unexpected pos"):
+        atomic_write(tmp_path / "last.ckpt", writes_then_fails(RuntimeError(FULL_DISK)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -201,7 +204,7 @@ def test_full_disk_while_saving_weights(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     target = tmp_path / "stages" / "train" / "student_a.safetensors"
-    with pytest.raises(runs.OutputError, match=rf"No space left on {target} \(needed about 0.4 MB"):
+    with pytest.raises(OutputError, match=rf"No space left on {target} \(needed about 0.4 MB"):
         runs.save_weights(torch.nn.Linear(100, 1000), target)
     assert list(target.parent.iterdir()) == []
 
@@ -214,7 +217,7 @@ def test_full_disk_during_an_export_leaves_nothing(
 
     monkeypatch.setitem(export.WRITERS, "torchscript", write_half)
     out = tmp_path / "student.pt"
-    with pytest.raises(runs.OutputError, match=rf"No space left on {out} \(needed about"):
+    with pytest.raises(OutputError, match=rf"No space left on {out} \(needed about"):
         export.export_model(run_dir, out, fmt="torchscript")
     assert list(tmp_path.iterdir()) == []
 
@@ -248,7 +251,7 @@ def test_written_files_get_the_usual_mode(umask_022, run_dir: Path, tmp_path: Pa
     import torch
 
     private = tmp_path / "private.bin"
-    runs.atomic_write(private, lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)))
+    atomic_write(private, lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)))
     weights = runs.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
     folder = write_folder(tmp_path / "exports" / "student_a")  # its weights are not linked
     out = tmp_path / "student.pt"
@@ -287,10 +290,12 @@ def test_user_errors_print_their_message_alone(run_dir: Path, tmp_path: Path) ->
     run = copy_run(run_dir, tmp_path / "run")
     shutil.rmtree(run / "exports")
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    args = (f"model={run}", f"input={tmp_path / 'x.png'}", f"out={tmp_path / 'p.csv'}")
+    args = (f"model_dir={run}", f"input={tmp_path / 'x.png'}", f"out={tmp_path / 'p.csv'}")
     done = run_module("dwskd.predict", *args)
     assert done.returncode == 1
-    assert done.stderr.startswith(f"model={run} is a finished run whose exports/ folder is missing")
+    assert done.stderr.startswith(
+        f"model_dir={run} is a finished run whose exports/ folder is missing"
+    )
     assert done.stderr.count("\n") == 1  # the message, one line, and nothing else
     env = dict(os.environ, HYDRA_FULL_ERROR="1", HF_HUB_OFFLINE="1")
     full = subprocess.run(

@@ -54,7 +54,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_four_class_model_scored_on_two_external_classes(trained, tmp_path: Path) -> None:
     data, run_dir = trained
     root, out = two_class_folder(data, tmp_path / "external"), tmp_path / "eval"
-    results = evaluate(f"model={run_dir}", f"data.root={root}", f"out={out}", TWO_CLASS_MAP)
+    results = evaluate(f"model_dir={run_dir}", f"data.root={root}", f"out={out}", TWO_CLASS_MAP)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["task"]["classes"] == ["healthy", "lesion"]
     assert saved["task"]["positive_class"] == "lesion"
@@ -96,7 +96,7 @@ def test_four_class_model_scored_on_two_external_classes(trained, tmp_path: Path
 def test_same_classes_reproduce_the_runs_own_test_metrics(trained, tmp_path: Path) -> None:
     """A root with train/ and test/ is scored on test/, exactly as the run scored it."""
     data, run_dir = trained
-    results = evaluate(f"model={run_dir}", f"data.root={data}", f"out={tmp_path / 'e'}", *FAST)
+    results = evaluate(f"model_dir={run_dir}", f"data.root={data}", f"out={tmp_path / 'e'}", *FAST)
     own = read_results(run_dir)[read_results(run_dir)["deployed"]]["test"]
     assert results["data"]["folder"] == str(data / "test")
     assert results["task"]["classes"] == ["normal", *LESIONS]
@@ -110,7 +110,7 @@ def test_positive_class_option_picks_the_binary_positive(trained, tmp_path: Path
     data, run_dir = trained
     root = two_class_folder(data, tmp_path / "external")
     results = evaluate(
-        f"model={run_dir}",
+        f"model_dir={run_dir}",
         f"data.root={root}",
         f"out={tmp_path / 'e'}",
         TWO_CLASS_MAP,
@@ -134,13 +134,13 @@ def test_mismatched_img_size_is_refused_naming_both(trained, tmp_path: Path) -> 
     data, run_dir = trained
     out = tmp_path / "e"
     with pytest.raises(EvaluationError, match=r"data\.img_size=64 but the model takes 32"):
-        evaluate(f"model={run_dir}", f"data.root={data}", f"out={out}", "data.img_size=64")
+        evaluate(f"model_dir={run_dir}", f"data.root={data}", f"out={out}", "data.img_size=64")
     with pytest.raises(EvaluationError, match=r"data\.channels=3 but the model takes 1"):
-        evaluate(f"model={run_dir}", f"data.root={data}", f"out={out}", "data.channels=3")
+        evaluate(f"model_dir={run_dir}", f"data.root={data}", f"out={out}", "data.channels=3")
     assert not out.exists()
     with pytest.warns(UserWarning, match="allow_resize=true"):
         results = evaluate(
-            f"model={run_dir}",
+            f"model_dir={run_dir}",
             f"data.root={data}",
             f"out={out}",
             "data.img_size=64",
@@ -155,7 +155,7 @@ def test_unmapped_external_classes_are_named_with_the_models_labels(trained, tmp
     data, run_dir = trained
     root = two_class_folder(data, tmp_path / "external")
     with pytest.raises(EvaluationError, match=r"\['healthy', 'lesion'\].*normal.*spiculated"):
-        evaluate(f"model={run_dir}", f"data.root={root}", f"out={tmp_path / 'e'}")
+        evaluate(f"model_dir={run_dir}", f"data.root={root}", f"out={tmp_path / 'e'}")
     assert not (tmp_path / "e").exists()
 
 
@@ -165,7 +165,7 @@ def test_non_empty_out_is_refused(trained, tmp_path: Path) -> None:
     out.mkdir()
     (out / "old.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not an empty folder"):
-        evaluate(f"model={run_dir}", f"data.root={data}", f"out={out}")
+        evaluate(f"model_dir={run_dir}", f"data.root={data}", f"out={out}")
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
@@ -206,7 +206,9 @@ def test_reliability_bins_give_torchmetrics_ece() -> None:
 def test_help_exits_0() -> None:
     done = run_module("dwskd.evaluate", "--help")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Usage: python -m dwskd.evaluate model=" in done.stdout and "class_map" in done.stdout
+    assert (
+        "Usage: python -m dwskd.evaluate model_dir=" in done.stdout and "class_map" in done.stdout
+    )
 
 
 @pytest.mark.real_data
@@ -245,7 +247,7 @@ def test_external_brain_mri_subset_as_tumour_vs_no_tumour(real_data_dir: Path, t
         for image in (p for c in members for p in sorted((source / "test" / c).iterdir())[8:18]):
             (external / name / image.name).symlink_to(image)
     results = evaluate(
-        f"model={tmp_path / 'run'}",
+        f"model_dir={tmp_path / 'run'}",
         f"data.root={external}",
         f"out={tmp_path / 'eval'}",
         "class_map={no_tumor: notumor, tumor: [glioma, meningioma, pituitary]}",

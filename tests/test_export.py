@@ -139,12 +139,12 @@ def test_failed_parity_check_writes_nothing(
     assert not list(tmp_path.iterdir())  # neither out nor its temporary file
 
 
-def test_cli_config_takes_a_path_as_model(tmp_path: Path) -> None:
-    """conf/ has a `model` config group; `model=<path>` must still be a plain value here."""
+def test_cli_config_takes_a_path_as_model_dir(tmp_path: Path) -> None:
+    """conf/ has a `model` config group; the path is `model_dir=`, a plain value."""
     from dwskd.commands import compose_command
 
-    cfg = compose_command("export", [f"model={tmp_path}", "out=a.onnx"])
-    assert (cfg.model, cfg.format, cfg.opset, cfg.check) == (str(tmp_path), "onnx", 18, True)
+    cfg = compose_command("export", [f"model_dir={tmp_path}", "out=a.onnx"])
+    assert (cfg.model_dir, cfg.format, cfg.opset, cfg.check) == (str(tmp_path), "onnx", 18, True)
 
 
 def test_help_exits_zero() -> None:

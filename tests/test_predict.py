@@ -80,7 +80,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_predictions_equal_the_runs_own_test_stage(trained, tmp_path: Path) -> None:
     data, run_dir = trained
     out = tmp_path / "preds.csv"
-    predict(f"model={run_dir}", f"input={data / 'test'}", f"out={out}", "batch_size=5")
+    predict(f"model_dir={run_dir}", f"input={data / 'test'}", f"out={out}", "batch_size=5")
     rows = read_rows(out)
     results = read_results(run_dir)
     deployed = results["deployed"]
@@ -116,7 +116,7 @@ def test_unreadable_image_is_skipped_with_a_warning(trained, tmp_path: Path, cap
     data, run_dir = trained
     inputs, out = make_inputs(data, tmp_path / "in"), tmp_path / "preds.csv"
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*broken\.jpg"):
-        predictions = predict(f"model={run_dir}", f"input={inputs}", f"out={out}")
+        predictions = predict(f"model_dir={run_dir}", f"input={inputs}", f"out={out}")
     rows = read_rows(out)
     assert len(rows) == 3 and not any("broken" in r["file"] for r in rows)
     assert [str(p) for p, _ in predictions.skipped] == [str(inputs / "sub" / "broken.jpg")]
@@ -128,7 +128,7 @@ def test_unreadable_image_stops_the_run_with_bad_images_error(trained, tmp_path:
     data, run_dir = trained
     inputs, out = make_inputs(data, tmp_path / "in"), tmp_path / "preds.csv"
     with pytest.raises(DataError, match=r"broken\.jpg.*bad_images=skip"):
-        predict(f"model={run_dir}", f"input={inputs}", f"out={out}", "bad_images=error")
+        predict(f"model_dir={run_dir}", f"input={inputs}", f"out={out}", "bad_images=error")
     assert not out.exists()
 
 
@@ -137,7 +137,7 @@ def test_existing_out_is_never_overwritten(trained, tmp_path: Path) -> None:
     out = tmp_path / "preds.csv"
     out.write_text("keep me\n")
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        predict(f"model={run_dir}", f"input={data / 'test'}", f"out={out}")
+        predict(f"model_dir={run_dir}", f"input={data / 'test'}", f"out={out}")
     assert out.read_text() == "keep me\n"
 
 
@@ -151,7 +151,7 @@ def test_csv_input_and_an_explicit_export_folder(trained, tmp_path: Path) -> Non
     assert csv_inputs(listing) == [listing.parent / p for p in rel]
     export = RunLayout(run_dir).export_dir(read_results(run_dir)["deployed"])
     out = tmp_path / "preds.csv"
-    predict(f"model={export}", f"input={listing}", f"out={out}")
+    predict(f"model_dir={export}", f"input={listing}", f"out={out}")
     assert [Path(r["file"]).resolve() for r in read_rows(out)] == [p.resolve() for p in images]
 
 
@@ -168,17 +168,23 @@ def test_headless_csv_and_recursive_folder_listing(tmp_path: Path) -> None:
 def test_bad_options_are_refused_before_any_work(trained, tmp_path: Path) -> None:
     data, run_dir = trained
     with pytest.raises(InferenceError, match="does not exist"):
-        predict(f"model={run_dir}", f"input={tmp_path / 'missing'}", f"out={tmp_path / 'p.csv'}")
+        predict(
+            f"model_dir={run_dir}", f"input={tmp_path / 'missing'}", f"out={tmp_path / 'p.csv'}"
+        )
     with pytest.raises(ExportError, match="no export 'teacher'.*student_a"):
-        predict(f"model={run_dir}", "model_name=teacher", f"input={data}", f"out={tmp_path}/p.csv")
+        predict(
+            f"model_dir={run_dir}", "model_name=teacher", f"input={data}", f"out={tmp_path}/p.csv"
+        )
     with pytest.raises(InferenceError, match="bad_images='maybe'"):
-        predict(f"model={run_dir}", f"input={data}", f"out={tmp_path}/p.csv", "bad_images=maybe")
+        predict(
+            f"model_dir={run_dir}", f"input={data}", f"out={tmp_path}/p.csv", "bad_images=maybe"
+        )
 
 
 def test_command_line_predicts_and_help_exits_0(trained, tmp_path: Path) -> None:
     data, run_dir = trained
     out = tmp_path / "preds.csv"
-    args = [f"model={run_dir}", f"input={data / 'test'}", f"out={out}", "progress=false"]
+    args = [f"model_dir={run_dir}", f"input={data / 'test'}", f"out={out}", "progress=false"]
     done = run_module("dwskd.predict", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(read_rows(out)) == 32 and f"wrote {out}" in done.stdout
@@ -186,5 +192,6 @@ def test_command_line_predicts_and_help_exits_0(trained, tmp_path: Path) -> None
     helped = run_module("dwskd.predict", "--help")
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert (
-        "Usage: python -m dwskd.predict model=" in helped.stdout and "bad_images" in helped.stdout
+        "Usage: python -m dwskd.predict model_dir=" in helped.stdout
+        and "bad_images" in helped.stdout
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dwskd import runs
+from dwskd.io import atomic_write
 from dwskd.pipeline import run_pipeline
 from tests.conftest import REPO, TINY, compose_config
 
@@ -201,7 +202,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        runs.atomic_write(target, fail_halfway)
+        atomic_write(target, fail_halfway)
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
 
