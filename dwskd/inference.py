@@ -7,10 +7,6 @@ normalised by :func:`dwskd.data.transforms.eval_transform` with its mean/std (or
 prediction here equals the run's own.
 Unreadable images follow the ``bad_images`` policy of training: ``skip`` (warn, list them)
 or ``error`` (stop, naming the file).
-
-The commands read their options from ``conf/<name>.yaml`` through Hydra's ConfigStore
-(:func:`dwskd.commands.command_config`), not from the config directory: ``conf/`` holds a ``model`` config
-group, so there ``model=<path>`` would be taken for a choice of that group.
 """
 
 from __future__ import annotations
