@@ -293,7 +293,8 @@ def calibration_error(probs: Tensor, targets: Tensor, positive: int | None, n_bi
 
     if positive is not None:
         hit = (targets == positive).long()
-        return float(binary_calibration_error(probs[:, positive], hit, n_bins=n_bins, norm="l1"))
+        confidence = probs[:, positive].contiguous()
+        return float(binary_calibration_error(confidence, hit, n_bins=n_bins, norm="l1"))
     return float(
         multiclass_calibration_error(
             probs, targets, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
