@@ -306,20 +306,26 @@ def _interval_lines(models: Mapping[str, Any], deployed: str | None) -> list[str
     return [*lines, "", method_note(first), ""]
 
 
+def _positive_lines(models: Mapping[str, Any], deployed: str | None) -> list[str]:
+    """The deployed model's positive class (binary tasks), with its sensitivity/specificity."""
+    test = models.get(deployed, {}).get("test", {})
+    if not test.get("positive_class"):
+        return []
+    return [
+        f"Positive class (ROC, sensitivity, specificity): **{test['positive_class']}** "
+        f"(`data.positive_class`); sensitivity {fmt(test['sensitivity'])}, "
+        f"specificity {fmt(test['specificity'])}.",
+        "",
+    ]
+
+
 def _deployed_lines(models: Mapping[str, Any], deployed: str | None) -> list[str]:
-    """The deployed model's positive class, per-class table and confusion matrix (test)."""
+    """The deployed model's per-class table and confusion matrix (test)."""
     if deployed not in models:
         return []
-    score, lines = entry_score(models[deployed]), []
+    score = entry_score(models[deployed])
     test = score["metrics"]
-    if test.get("positive_class"):
-        lines += [
-            f"Positive class (ROC, sensitivity, specificity): **{test['positive_class']}** "
-            f"(`data.positive_class`); sensitivity {fmt(test['sensitivity'])}, "
-            f"specificity {fmt(test['specificity'])}.",
-            "",
-        ]
-    lines += [f"## Per-class results ({deployed}, test)", ""]
+    lines = [f"## Per-class results ({deployed}, test)", ""]
     lines += [*per_class_table(test, score.get("per_class")), ""]
     if test.get("confmat"):
         lines += [f"## Confusion matrix ({deployed}, test; rows: true class)", ""]
@@ -387,8 +393,9 @@ def write_report_md(layout: RunLayout, results: dict) -> Path:
     lines += ["## Run", "", *_bullets({k: v for k, v in run.items() if k not in hidden}), ""]
     lines += ["## Resumes", "", *_resume_lines(run.get("resumes", [])), ""]
     lines += ["## Test results", "", *_model_table(models, deployed), ""]
-    lines += _deployed_lines(models, deployed)
+    lines += _positive_lines(models, deployed)
     lines += _interval_lines(models, deployed)
+    lines += _deployed_lines(models, deployed)
     lines += _external_lines(results.get("external") or {})
     lines += ["## Data", "", *_bullets(results.get("data", {})), ""]
     links = _plot_links(layout, _ordered_models(models))

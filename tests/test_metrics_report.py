@@ -189,7 +189,9 @@ def test_binary_score_follows_the_positive_class():
     # AUROC: the positive class's binary AUROC, whichever class is positive
     binary = BinaryAUROC()(probs[:, 1], targets).item()
     assert metrics["auroc"] == pytest.approx(binary, abs=1e-6)
-    assert score(probs, targets, names, 1, bootstrap=None)["metrics"]["positive_class"] == "NonCOVID"
+    assert (
+        score(probs, targets, names, 1, bootstrap=None)["metrics"]["positive_class"] == "NonCOVID"
+    )
 
 
 def test_multiclass_score_ignores_a_positive_class_and_bins_top_label_confidence():
