@@ -342,7 +342,7 @@ def bootstrap_intervals(
     test set does, so balanced accuracy and AUROC are defined in each of them. This is dwskd's
     own code because torchmetrics has no stratified bootstrap (its ``BootStrapper`` resamples
     without regard to class, one metric call per resample). The metrics of all resamples are
-    computed at once from how often each image is drawn (~50x faster than a metric call per
+    computed at once from how often each image is drawn (~20x faster than a metric call per
     resample); they equal torchmetrics' definitions in :func:`point_metrics`.
     """
     import numpy as np
