@@ -124,14 +124,6 @@ def accept_renamed_options(command: str, argv: list[str] | None = None) -> list[
     return argv
 
 
-def model_dir(cfg: Any) -> str:
-    """The command's ``model_dir``; a config built with the old key ``model`` (as
-    :func:`dwskd.external.evaluation_options` still builds one) is read the same way."""
-    if "model_dir" not in cfg and cfg.get("model") is not None:  # model_dir missing (???)
-        return str(cfg.model)
-    return str(cfg.model_dir)
-
-
 class KeepEarlierSweepConfig(Callback):
     """Hydra callback: a sweep launched again into the same sweep dir keeps the first launch's
     ``multirun.yaml`` (renamed ``multirun.<time>.yaml``) instead of writing over it.

@@ -16,11 +16,9 @@ ROC, reliability diagram); an existing non-empty ``out`` is refused.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dwskd import CONFIG_DIR, runs
-from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
+from dwskd.commands import accept_renamed_options, plain_user_errors
 from dwskd.data.checks import check_several_classes, check_single_label, file_digests, scan_split
 from dwskd.inference import (
     InferenceError,
@@ -40,21 +38,10 @@ from dwskd.inference import (
     run_model,
 )
 from dwskd.io import check_writable, refuse_existing_folder
+from dwskd.metrics import INTERVAL_METRICS, require_int, score, scoring_options
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
     import torch
-
-INTERVAL_METRICS = ("acc", "balanced_acc", "auroc")
-METRIC_NAMES = {
-    "acc": "Accuracy",
-    "balanced_acc": "Balanced accuracy",
-    "f1_macro": "Macro-F1",
-    "auroc": "AUROC (macro one-vs-rest)",
-    "ece": "ECE",
-    "ece_top_label": "ECE (top label)",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-}
 
 
 class EvaluationError(InferenceError):
@@ -258,30 +245,16 @@ def check_options(cfg: DictConfig) -> None:
     the bootstrap or a torchmetrics error that named no option.
     """
     check_policy(cfg.data.bad_images, "data.bad_images")
-    at_least_one = "an integer >= 1"
-    _require("calibration_bins", cfg.calibration_bins, int, 1, f"{at_least_one} (default 15)")
-    _require(
-        "bootstrap.resamples",
-        cfg.bootstrap.resamples,
-        int,
-        1,
-        f"{at_least_one} (default 1000; e.g. 200 for quicker, coarser intervals)",
-    )
-    _require("bootstrap.seed", cfg.bootstrap.seed, int, 0, "an integer >= 0")
-    level = cfg.bootstrap.level
-    if not (isinstance(level, int | float) and 0 < level < 1):
-        raise EvaluationError(f"bootstrap.level={level!r} must be in (0, 1), e.g. 0.95.")
-    _require("saliency", cfg.saliency, int, 0, "an integer >= 0 (0: no saliency maps)")
-    _require("batch_size", cfg.batch_size, int, 1, at_least_one)
+    try:
+        scoring_options(cfg.bootstrap, cfg.calibration_bins)
+        require_int("saliency", cfg.saliency, 0, "an integer >= 0 (0: no saliency maps)")
+        require_int("batch_size", cfg.batch_size, 1, "an integer >= 1")
+    except ValueError as refused:
+        raise EvaluationError(str(refused)) from None
     if cfg.out is not None:
         check_writable(Path(str(cfg.out)), "out")
     else:
         check_writable(Path(str(cfg.output_root)), "output_root")
-
-
-def _require(option: str, value: Any, kind: type, minimum: int, what: str) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or value < minimum:
-        raise EvaluationError(f"{option}={value!r} must be {what}.")
 
 
 def check_preprocessing(data: DictConfig, preprocessing: Any, allow_resize: bool) -> dict:
@@ -330,323 +303,6 @@ def output_dir(cfg: DictConfig, loaded: LoadedModel) -> Path:
         out = Path(str(cfg.output_root)) / "evaluate" / f"{loaded.name}_{stamp}"
     refuse_existing_folder(out, "out", "or leave it out for a new time-stamped folder")
     return out
-
-
-# ------------------------------------------------------------------------- metrics
-def _confidence(probs: torch.Tensor, targets: torch.Tensor, positive: int | None):
-    """(confidence, hit): P(positive) vs is-positive for binary, top-label vs correct else."""
-    if positive is not None:
-        return probs[:, positive], (targets == positive).float()
-    confidence, predicted = probs.max(dim=1)
-    return confidence, (predicted == targets).float()
-
-
-def calibration_error(probs, targets, positive: int | None, n_bins: int) -> float:
-    """ECE (L1) by torchmetrics: binary on P(positive), multiclass on the top label."""
-    from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
-
-    if positive is not None:
-        metric = BinaryCalibrationError(n_bins=n_bins, norm="l1")
-        return float(metric(probs[:, positive], (targets == positive).long()))
-    metric = MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=n_bins, norm="l1")
-    return float(metric(probs, targets))
-
-
-def score(probs, targets, task: Task, positive: int | None, n_bins: int) -> dict[str, Any]:
-    """The run's metric set (dwskd.metrics) on the task, ECE with ``n_bins``, binary summary."""
-    from dwskd.metrics import classification_metrics, flatten_metrics, positive_class_summary
-
-    collection = classification_metrics(len(task.classes))
-    collection.update(probs, targets)
-    flat = flatten_metrics(collection.compute(), task.classes)
-    flat.pop("ece", None)  # fixed at 15 bins there; recomputed with calibration_bins
-    flat["ece"] = calibration_error(probs, targets, positive, n_bins)
-    if positive is not None:
-        flat["ece_top_label"] = calibration_error(probs, targets, None, n_bins)
-        flat.update(positive_class_summary(flat, task.classes, positive))
-    return flat
-
-
-def _bootstrap_metrics(k: int) -> dict[str, Any]:
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_auroc,
-        multiclass_recall,
-    )
-
-    options = {"num_classes": k, "validate_args": False}
-    return {  # the same definitions as dwskd.metrics.classification_metrics
-        "acc": lambda p, t: multiclass_accuracy(p, t, average="micro", **options),
-        "balanced_acc": lambda p, t: multiclass_recall(p, t, average="macro", **options),
-        "auroc": lambda p, t: multiclass_auroc(p, t, average="macro", **options),
-    }
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: metrics of a few thousand values gain nothing from intra-op
-    threads, and on a small machine waking them costs more than the work (10x on 2 cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def bootstrap_intervals(
-    probs: torch.Tensor, targets: torch.Tensor, values: Mapping[str, Any], options: Any
-) -> dict[str, dict[str, float]]:
-    """Percentile intervals of accuracy, balanced accuracy and AUROC (fixed seed).
-
-    Resampling is stratified by true class: every resample holds every class as often as
-    the test set does, so balanced accuracy and AUROC are defined in each of them.
-    """
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(int(options.seed))
-    labels = targets.numpy()
-    by_class = [np.flatnonzero(labels == c) for c in range(probs.shape[1])]
-    metrics = _bootstrap_metrics(probs.shape[1])
-    draws: dict[str, list[float]] = {name: [] for name in metrics}
-    with single_thread():
-        for _ in range(int(options.resamples)):
-            idx = torch.as_tensor(np.concatenate([rng.choice(ix, len(ix)) for ix in by_class]))
-            p, t = probs.index_select(0, idx), targets.index_select(0, idx)
-            for name, metric in metrics.items():
-                draws[name].append(float(metric(p, t)))
-    tail = 100 * (1 - float(options.level)) / 2
-    return {
-        name: {
-            "value": float(values[name]),
-            "low": float(np.percentile(d, tail)),
-            "high": float(np.percentile(d, 100 - tail)),
-        }
-        for name, d in draws.items()
-    }
-
-
-def reliability_bins(probs, targets, positive: int | None, n_bins: int) -> list[dict]:
-    """Per equal-width bin: its edges, image count, mean confidence and observed rate.
-
-    Observed rate: accuracy (multiclass, top label) or fraction positive (binary), the two
-    quantities the ECE compares. Confidence 1.0 falls in the last bin.
-    """
-    import torch
-
-    confidence, hit = _confidence(probs, targets, positive)
-    confidence = confidence.float().contiguous()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(index, minlength=n_bins)
-    conf_sum = torch.zeros(n_bins).index_add_(0, index, confidence)
-    hit_sum = torch.zeros(n_bins).index_add_(0, index, hit)
-    bins = []
-    for i in range(n_bins):
-        n = int(count[i])
-        bins.append(
-            {
-                "lower": round(float(edges[i]), 6),
-                "upper": round(float(edges[i + 1]), 6),
-                "count": n,
-                "confidence": float(conf_sum[i] / n) if n else None,
-                "observed": float(hit_sum[i] / n) if n else None,
-            }
-        )
-    return bins
-
-
-# ------------------------------------------------------------------------- outputs
-def plot_reliability(
-    bins: Sequence[Mapping], path: Path, title: str, observed: str, confidence: str
-) -> Path:
-    """Reliability diagram: observed rate per confidence bin against the diagonal, with counts."""
-    from matplotlib.figure import Figure
-
-    from dwskd.report import save_figure
-
-    fig = Figure(figsize=(5.5, 6.5))
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = bins[0]["upper"] - bins[0]["lower"]
-    filled = [b for b in bins if b["count"]]
-    centres = [(b["lower"] + b["upper"]) / 2 for b in filled]
-    top.bar(centres, [b["observed"] for b in filled], width=0.9 * width, label=observed)
-    top.plot(
-        [b["confidence"] for b in filled],
-        [b["observed"] for b in filled],
-        "o",
-        color="C1",
-        markersize=4,
-        label="at the bin's mean confidence",
-    )
-    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
-    for x, b in zip(centres, filled, strict=True):
-        top.annotate(str(b["count"]), (x, b["observed"]), ha="center", va="bottom", fontsize=7)
-    top.set(ylabel=observed, xlim=(0, 1), ylim=(0, 1.08), title=title)
-    top.legend(loc="upper left", fontsize=8)
-    bottom.bar(
-        [(b["lower"] + b["upper"]) / 2 for b in bins],
-        [b["count"] for b in bins],
-        width=0.9 * width,
-        color="grey",
-    )
-    bottom.set(xlabel=confidence, ylabel="images")
-    return save_figure(fig, path)
-
-
-def write_plots(out: Path, results: Mapping, probs, targets, positive: int | None) -> dict:
-    """Confusion matrix, ROC (the positive class's for a binary task), reliability diagram."""
-    from dwskd.report import plot_confusion_matrix, plot_roc
-
-    classes, metrics, plots = results["task"]["classes"], results["metrics"], out / "plots"
-    name = results["model"]["name"]
-    if positive is None:
-        observed, confidence = "accuracy", "confidence (probability of the predicted class)"
-    else:
-        observed = f"fraction {classes[positive]}"
-        confidence = f"predicted probability of {classes[positive]}"
-    ece = f"ECE = {metrics['ece']:.3f}"
-    return {
-        "confmat": plot_confusion_matrix(
-            metrics["confmat"], classes, plots / "confmat.png", f"{name}: confusion matrix"
-        ),
-        "roc": plot_roc(
-            probs.numpy(),
-            targets.numpy(),
-            classes,
-            plots / "roc.png",
-            f"{name}: ROC",
-            positive=1 if positive is None else positive,
-        ),
-        "reliability": plot_reliability(
-            results["calibration"]["bins"],
-            plots / "reliability.png",
-            f"{name}: {ece}",
-            observed,
-            confidence,
-        ),
-    }
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _results_table(results: Mapping) -> list[str]:
-    metrics, intervals = results["metrics"], results["intervals"]
-    level = f"{100 * results['bootstrap']['level']:g}% CI"
-    lines = [f"| Metric | Value | {level} |", "|---|---:|---:|"]
-    for key, label in METRIC_NAMES.items():
-        if key not in metrics:
-            continue
-        ci = intervals.get(key)
-        span = f"{_fmt(ci['low'])} – {_fmt(ci['high'])}" if ci else ""
-        lines.append(f"| {label} | {_fmt(metrics[key])} | {span} |")
-    return lines
-
-
-def _per_class_table(results: Mapping) -> list[str]:
-    metrics, counts = results["metrics"], results["data"]["class_counts"]
-    lines = ["| Class | Images | Sensitivity | Specificity |", "|---|---:|---:|---:|"]
-    for c in results["task"]["classes"]:
-        sens, spec = metrics[f"sensitivity/{c}"], metrics[f"specificity/{c}"]
-        lines.append(f"| {c} | {counts[c]} | {_fmt(sens)} | {_fmt(spec)} |")
-    return lines
-
-
-def _confmat_table(results: Mapping) -> list[str]:
-    classes = results["task"]["classes"]
-    lines = [
-        "| true \\ predicted | " + " | ".join(classes) + " |",
-        "|---|" + "---:|" * len(classes),
-    ]
-    for c, row in zip(classes, results["metrics"]["confmat"], strict=True):
-        lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
-    return lines
-
-
-def _task_lines(results: Mapping) -> list[str]:
-    task = results["task"]
-    lines = ["| Scored class | Model classes (probabilities summed) |", "|---|---|"]
-    lines += [f"| {c} | {', '.join(ms)} |" for c, ms in task["class_map"].items()]
-    if task["dropped_model_classes"]:
-        lines += [
-            "",
-            f"Model classes without an external class: {task['dropped_model_classes']} "
-            "(left out; the other probabilities are renormalised).",
-        ]
-    if task["positive_class"] is not None:
-        how = task["positive_source"]
-        lines += [
-            "",
-            f"Positive class (ROC, sensitivity, specificity): **{task['positive_class']}** ({how}).",
-        ]
-    return lines
-
-
-def _model_lines(results: Mapping) -> list[str]:
-    model, prov = results["model"], dict(results["model"]["provenance"])
-    own = prov.pop("metrics", {}).get("test", {})
-    lines = [f"- **folder**: {model['folder']}", f"- **architecture**: {model['architecture']}"]
-    lines.append(f"- **labels**: {', '.join(model['labels'])}")
-    lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in prov.items()]
-    if own:
-        lines.append(
-            f"- **its run's own test**: acc {_fmt(own.get('acc'))}, AUROC {_fmt(own.get('auroc'))}"
-        )
-    return lines
-
-
-def _data_lines(results: Mapping) -> list[str]:
-    data, prep = results["data"], results["preprocessing"]
-    skipped = f"{data['n_skipped']} unreadable skipped" if data["n_skipped"] else "none skipped"
-    used = ", ".join(f"{k} {v}" for k, v in prep["used"].items())
-    lines = [f"- **folder**: {data['folder']}", f"- **images**: {data['n_images']} ({skipped})"]
-    lines.append(
-        f"- **preprocessing** (the model's own): {used}, mean {prep['mean']}, std {prep['std']}"
-    )
-    if prep["requested"]:
-        lines.append(f"- **asked for** (allow_resize=true): {prep['requested']}")
-    return lines
-
-
-def _method_note(results: Mapping) -> str:
-    boot, bins = results["bootstrap"], results["calibration"]["n_bins"]
-    return (
-        f"Intervals: percentile bootstrap, {boot['resamples']} resamples stratified by true "
-        f"class, seed {boot['seed']}. ECE: torchmetrics, {bins} equal-width bins, L1"
-        + (
-            " (binary: of the positive class's probability)."
-            if results["task"]["positive_class"]
-            else "."
-        )
-    )
-
-
-def report_md(results: Mapping) -> str:
-    """A human-readable report: what was evaluated, on what, how it scored (with intervals)."""
-    plots = ("confmat", "roc", "reliability")
-    sections = {
-        "Command": ["```", results["command"], "```"],
-        "Model": _model_lines(results),
-        "Data": _data_lines(results),
-        "Task": _task_lines(results),
-        "Results": [*_results_table(results), "", _method_note(results)],
-        "Per class": _per_class_table(results),
-        "Confusion matrix (rows: true class)": _confmat_table(results),
-        "Plots": [f"![{name}](plots/{name}.png)\n" for name in plots],
-    }
-    if results.get("saliency"):
-        names = [Path(p).name for p in results["saliency"]]
-        sections["Saliency (first images)"] = [f"![{n[:-4]}](saliency/{n})\n" for n in names]
-    title = f"# dwskd evaluation: {results['model']['name']} on {results['data']['folder']}"
-    lines = [title, ""]
-    for heading, body in sections.items():
-        lines += [f"## {heading}", "", *body, ""]
-    return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------- the command
@@ -699,8 +355,9 @@ def collect_results(
 ) -> dict[str, Any]:
     """Everything metrics.json holds (the report and the plots are drawn from it)."""
     task, positive, probs, targets = scored.task, scored.positive, scored.probs, scored.targets
-    skipped, bins = scored.predictions.skipped, int(cfg.calibration_bins)
-    flat = score(probs, targets, task, positive, bins)
+    skipped = scored.predictions.skipped
+    bootstrap, bins = scoring_options(cfg.bootstrap, cfg.calibration_bins)
+    scores = score(probs, targets, task.classes, positive, n_bins=bins, bootstrap=bootstrap)
     return {
         "command": command_line(),
         "time": runs.now_iso(),
@@ -726,34 +383,18 @@ def collect_results(
             "dropped_model_classes": task.dropped,
             "positive_class": None if positive is None else task.classes[positive],
         },
-        "metrics": flat,
-        "intervals": bootstrap_intervals(probs, targets, flat, cfg.bootstrap),
-        "bootstrap": {**OmegaConf.to_container(cfg.bootstrap), "method": "percentile, stratified"},
-        "calibration": {
-            "n_bins": bins,
-            "norm": "l1",
-            "bins": reliability_bins(probs, targets, positive, bins),
-        },
+        **scores,  # metrics, per_class, calibration, intervals, bootstrap
         "device": str(cfg.device),
     }
 
 
 def write_outputs(out: Path, results: dict, scored: Scored, folder: Path) -> dict[str, Path]:
-    """predictions.csv, the plots, report.md, then metrics.json (each written atomically)."""
-    from dwskd.report import jsonable, write_predictions_csv
+    """predictions.csv, the plots, report.md, then metrics.json, by the one renderer."""
+    from dwskd.report import write_evaluation
 
-    classes = results["task"]["classes"]
     files = [str(f.relative_to(folder)) for f in scored.predictions.files]
-    probs, targets = scored.probs, scored.targets
-    paths = {
-        "predictions": write_predictions_csv(
-            out / "predictions.csv", files, probs.numpy(), targets.numpy(), classes
-        )
-    }
-    paths.update(write_plots(out, results, probs, targets, scored.positive))
-    paths["report"] = runs.write_text(out / "report.md", report_md(results))
-    paths["metrics"] = runs.write_json(out / "metrics.json", jsonable(results))
-    return paths
+    predictions = (scored.probs.numpy(), scored.targets.numpy())
+    return write_evaluation(out, results, predictions, files)
 
 
 def write_saliency(
@@ -808,7 +449,7 @@ def summary(results: Mapping[str, Any], out: Path) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model_dir`` on ``cfg.data.root`` and write ``out``; every check comes first."""
     check_options(cfg)
-    loaded = load(model_dir(cfg), cfg.model_name, option="model_dir")
+    loaded = load(str(cfg.model_dir), cfg.model_name, option="model_dir")
     preprocessing = check_preprocessing(cfg.data, loaded.preprocessing, bool(cfg.allow_resize))
     preprocessing.update(mean=list(loaded.preprocessing.mean), std=list(loaded.preprocessing.std))
     out = output_dir(cfg, loaded)

@@ -41,7 +41,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dwskd import CONFIG_DIR, exported
-from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
+from dwskd.commands import accept_renamed_options, plain_user_errors
 from dwskd.io import atomic_write, check_writable, refuse_existing
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help and refusals stay instant
@@ -401,7 +401,7 @@ def export_model(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The Hydra config (conf/export.yaml) as a call to :func:`export_model`."""
     return export_model(
-        model=model_dir(cfg),
+        model=str(cfg.model_dir),
         out=cfg.out,
         fmt=cfg.format,
         model_name=cfg.model_name,

@@ -61,7 +61,7 @@ def evaluation_options(model_folder: Path, spec: Mapping[str, Any], out: Path) -
     for key in ("defaults", "hydra"):
         base.pop(key, None)
     given = {
-        "model": str(model_folder),
+        "model_dir": str(model_folder),
         "data": {"root": str(spec["root"])},
         "class_map": spec.get("class_map"),
         "positive_class": spec.get("positive_class"),

@@ -25,7 +25,7 @@ from dwskd import exported, external, models, objectives, runs, selection, train
 from dwskd.distill import DistillOptions
 from dwskd.loggers import run_names
 from dwskd.machine import git_commit, machine_info, package_versions
-from dwskd.metrics import positive_class_summary, scalar_only, subset_summary
+from dwskd.metrics import Bootstrap, scalar_only, score, scoring_options, subset_summary
 from dwskd.module import DistillModule
 from dwskd.objectives import Objective
 from dwskd.report import write_run_report
@@ -173,6 +173,7 @@ def check_evaluation(cfg: DictConfig) -> None:
             "use a val/ metric",
             cfg.optimized_metric,
         )
+    scoring_options(cfg.eval.bootstrap, cfg.eval.calibration_bins, prefix="eval.")
     if cfg.eval.get("external", True):
         external.check_external_sets(external.external_sets(cfg.data))
     if cfg.eval.get("latency_repeats") is not None:
@@ -358,23 +359,21 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
     """Evaluate every model (students, their ensemble, teacher) on val and test, with costs.
 
     Validation metrics of the final weights go into metrics.json too, so that sweeps over
-    knobs can be compared and chosen on validation data without looking at test.
+    knobs can be compared and chosen on validation data without looking at test. Both
+    splits are scored by dwskd-eval's scorer; test also gets bootstrap intervals.
     """
     entries: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
-    class_names, positive = ctx.datamodule.class_names, ctx.datamodule.positive_index
+    scoring = scoring_options(ctx.cfg.eval.bootstrap, ctx.cfg.eval.calibration_bins, "eval.")
     groups = [("students", students), ("teacher", [teacher] if teacher is not None else [])]
     for group, group_models in groups:
         if not group_models:
             continue
         module = ctx.module(group_models, None, ctx.plain())  # evaluates only: no stage
         val, test = ctx.evaluate(module, "val"), ctx.evaluate(module, "test")
-        for short, flat in test.metrics.items():
+        for short in test.probs:
             name = report_name(group, short)
-            entries[name] = {
-                split: {**m, **positive_class_summary(m, class_names, positive)}
-                for split, m in (("val", val.metrics[short]), ("test", flat))
-            }
+            entries[name] = score_splits(ctx, val, test, short, scoring)
             predictions[name] = (test.probs[short].numpy(), test.targets.numpy())
             by_source = source_scores(ctx.datamodule, test.probs[short], test.targets)
             if by_source:
@@ -387,6 +386,36 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
             {k: sum(m[k] for m in members) for k in ("params", "flops") if k in members[0]}
         )
     return entries, predictions
+
+
+def score_splits(
+    ctx: Context,
+    val: training.Evaluation,
+    test: training.Evaluation,
+    short: str,
+    scoring: tuple[Bootstrap, int],
+) -> dict[str, Any]:
+    """One model's val and test metrics by the one scorer; the rest of test's score (intervals,
+    per-class figures, reliability bins) as ``test_details``."""
+    names, positive = ctx.datamodule.class_names, ctx.datamodule.positive_index
+    bootstrap, bins = scoring
+    scores = {
+        split: score(
+            split_eval.probs[short],
+            split_eval.targets,
+            names,
+            positive,
+            n_bins=bins,
+            bootstrap=bootstrap if split == "test" else None,
+        )
+        for split, split_eval in (("val", val), ("test", test))
+    }
+    details = {k: v for k, v in scores["test"].items() if k != "metrics"}
+    return {
+        "val": scores["val"]["metrics"],
+        "test": scores["test"]["metrics"],
+        "test_details": details,
+    }
 
 
 def source_scores(datamodule: Any, probs: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dwskd import CONFIG_DIR
-from dwskd.commands import accept_renamed_options, model_dir, plain_user_errors
+from dwskd.commands import accept_renamed_options, plain_user_errors
 from dwskd.inference import (
     InferenceError,
     Predictions,
@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> Predictions:
     check_writable(out, "out")
     check_policy(cfg.bad_images)
     files = list_inputs(cfg.input)
-    loaded = load(model_dir(cfg), cfg.model_name, option="model_dir")
+    loaded = load(str(cfg.model_dir), cfg.model_name, option="model_dir")
     predictions = run_model(
         loaded,
         files,

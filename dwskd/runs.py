@@ -62,6 +62,8 @@ IGNORED_KEYS = (
     "checkpoint.keep",
     "optimized_metric",
     "paths.output_root",
+    "eval.bootstrap",  # only the report's intervals and calibration bins: the test stage
+    "eval.calibration_bins",  # recomputes them on every resume
 )
 
 

@@ -12,13 +12,8 @@ import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
 from dwskd.commands import compose_command
-from dwskd.evaluate import (
-    EvaluationError,
-    build_task,
-    positive_index,
-    reliability_bins,
-    run,
-)
+from dwskd.evaluate import EvaluationError, build_task, positive_index, run
+from dwskd.metrics import reliability_bins
 from dwskd.runs import RunLayout, read_results
 from tests.conftest import run_module
 from tests.test_predict import folder_run
@@ -104,6 +99,38 @@ def test_same_classes_reproduce_the_runs_own_test_metrics(trained, tmp_path: Pat
     assert results["metrics"]["confmat"] == own["confmat"]
     for key in ("acc", "balanced_acc", "f1_macro", "auroc", "ece"):
         assert results["metrics"][key] == pytest.approx(own[key], abs=1e-6), key
+
+
+def test_the_run_and_dwskd_eval_score_alike_with_intervals(trained, tmp_path: Path) -> None:
+    """One scorer and one renderer: a run's test stage writes the intervals, per-class figures
+    and reliability bins dwskd-eval gives for the same images (same bootstrap options)."""
+    data, run_dir = trained
+    saved = read_results(run_dir)
+    for name in saved["models"]:
+        details = saved[name]["test_details"]
+        assert details["bootstrap"]["resamples"] == 1000 and details["calibration"]["n_bins"] == 15
+        for metric, ci in details["intervals"].items():
+            assert ci["low"] <= saved[name]["test"][metric] <= ci["high"], (name, metric)
+    deployed = saved["deployed"]
+    own = saved[deployed]["test_details"]
+    results = evaluate(f"model={run_dir}", f"data.root={data}", f"out={tmp_path / 'e'}", FAST[0])
+    assert results["bootstrap"] == own["bootstrap"]
+    for metric, ci in own["intervals"].items():
+        for key in ("value", "low", "high"):
+            assert results["intervals"][metric][key] == pytest.approx(ci[key], abs=1e-6)
+    for c, row in own["per_class"].items():
+        assert results["per_class"][c] == pytest.approx(row, abs=1e-6)
+    assert [b["count"] for b in results["calibration"]["bins"]] == [
+        b["count"] for b in own["calibration"]["bins"]
+    ]
+    report = (run_dir / "report.md").read_text()
+    assert "## Test results with intervals (95% CI)" in report
+    row = next(line for line in report.splitlines() if line.startswith(f"| **{deployed}**"))
+    acc = own["intervals"]["acc"]
+    assert f"[{acc['low']:.3f}, {acc['high']:.3f}]" in report.split("with intervals")[1]
+    assert "0." in row and "Intervals: percentile bootstrap, 1000 resamples" in report
+    assert f"(plots/reliability_{deployed}.png)" in report
+    assert (run_dir / "plots" / f"reliability_{deployed}.png").is_file()
 
 
 def test_positive_class_option_picks_the_binary_positive(trained, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_a_missing_external_folder_is_refused_before_training_naming_the_option(
 def test_evaluation_options_are_dwskd_evals_own_config(tmp_path: Path) -> None:
     spec = {"root": "/x", "class_map": {"a": ["b", "c"]}, "positive_class": "a"}
     options = external.evaluation_options(tmp_path / "model", spec, tmp_path / "out")
-    assert options.model == str(tmp_path / "model") and options.data.root == "/x"
+    assert options.model_dir == str(tmp_path / "model") and options.data.root == "/x"
     assert OmegaConf.to_container(options.class_map) == {"a": ["b", "c"]}
     assert options.bootstrap.resamples == 1000 and options.progress is False
     assert "hydra" not in options

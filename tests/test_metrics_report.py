@@ -7,16 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics.classification import BinaryAUROC, MulticlassCalibrationError
 
-from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
-from dwskd.report import (
-    plot_learning_curves,
-    plot_roc,
-    read_epoch_curves,
-    write_metrics_json,
-    write_run_report,
+from dwskd.metrics import (
+    Bootstrap,
+    classification_metrics,
+    flatten_metrics,
+    scalar_only,
+    score,
+    scoring_options,
 )
+from dwskd.plots import plot_learning_curves, plot_roc, read_epoch_curves
+from dwskd.report import write_metrics_json, write_run_report
 from dwskd.runs import RunDirError, RunLayout
 
 CLASSES = ["cat", "dog", "eel"]
@@ -101,6 +103,129 @@ def test_flatten_metrics_names_and_scalar_only():
     assert all(type(v) is float for v in scalars.values())
     with pytest.raises(ValueError, match="3 per-class values but 2 class names"):
         flatten_metrics(_computed(), ["cat", "dog"])
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+def _random_task(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, classes, (n,), generator=gen)
+    logits = torch.randn(n, classes, generator=gen) + 1.5 * torch.nn.functional.one_hot(targets)
+    return torch.softmax(logits, dim=1), targets
+
+
+def test_score_gives_the_run_metrics_per_class_figures_and_intervals():
+    probs, targets = torch.tensor(PROBS), torch.tensor(TARGETS)
+    scored = score(probs, targets, CLASSES, n_bins=15, bootstrap=Bootstrap(200, 0.9, 3))
+    # multiclass: exactly the training collection's figures (same torchmetrics definitions)
+    assert scored["metrics"] == flatten_metrics(_computed(), CLASSES)
+    assert "positive_class" not in scored["metrics"] and "ece_top_label" not in scored["metrics"]
+    # by hand: precision 2/3, 2/3, 1; F1 2/3, 0.8, 2/3; support 3, 2, 2
+    per_class = scored["per_class"]
+    assert [per_class[c]["precision"] for c in CLASSES] == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert [per_class[c]["f1"] for c in CLASSES] == pytest.approx([2 / 3, 0.8, 2 / 3])
+    assert [per_class[c]["recall"] for c in CLASSES] == pytest.approx(HAND["sensitivity"])
+    assert [per_class[c]["support"] for c in CLASSES] == [3, 2, 2]
+    assert set(scored["intervals"]) == {"acc", "balanced_acc", "auroc"}
+    for name, ci in scored["intervals"].items():
+        assert ci["low"] <= ci["value"] <= ci["high"], name
+        assert ci["value"] == scored["metrics"][name]
+    assert scored["bootstrap"] == {
+        "resamples": 200, "level": 0.9, "seed": 3, "method": "percentile, stratified"
+    }  # fmt: skip
+    again = score(probs, targets, CLASSES, bootstrap=Bootstrap(200, 0.9, 3))
+    assert again["intervals"] == scored["intervals"]  # a seed gives the same intervals
+    json.dumps(scored, allow_nan=False)  # plain JSON data
+
+
+def test_bootstrap_is_stratified_and_equals_torchmetrics_per_resample():
+    """The vectorised draws: each class keeps its size in every resample, and each resample's
+    figures are torchmetrics' own on that resample (the loop dwskd-eval used to run)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_recall,
+    )
+
+    from dwskd.metrics import _metric_draws, _resample_counts
+
+    probs, targets = _random_task(90, 3, seed=1)
+    probs = (probs * 8).round() / 8  # ties in the scores
+    t = targets.numpy()
+    by_class = [np.flatnonzero(t == c) for c in range(3)]
+    counts = _resample_counts(np.random.default_rng(5), by_class, len(t), 20)
+    for ix in by_class:
+        assert (counts[:, ix].sum(axis=1) == len(ix)).all()  # stratified by true class
+    draws = _metric_draws(counts, probs.numpy(), t, by_class)
+    for r, row in enumerate(counts):
+        idx = torch.as_tensor(np.repeat(np.arange(len(t)), row.astype(int)))
+        p, y = probs[idx], targets[idx]
+        expected = {
+            "acc": multiclass_accuracy(p, y, num_classes=3, average="micro"),
+            "balanced_acc": multiclass_recall(p, y, num_classes=3, average="macro"),
+            "auroc": multiclass_auroc(p, y, num_classes=3, average="macro"),
+        }
+        for name, value in expected.items():
+            assert draws[name][r] == pytest.approx(float(value), abs=1e-6), (name, r)
+
+
+def test_binary_score_follows_the_positive_class():
+    probs, targets = _random_task(120, 2, seed=2)
+    names = ["COVID", "NonCOVID"]
+    first = score(probs, targets, names, 0, n_bins=10, bootstrap=None)
+    metrics = first["metrics"]
+    assert "intervals" not in first and "bootstrap" not in first
+    assert metrics["positive_class"] == "COVID"
+    assert metrics["sensitivity"] == metrics["sensitivity/COVID"]
+    assert metrics["specificity"] == metrics["specificity/COVID"]
+    # binary ECE: of P(COVID) against is-COVID; the top-label ECE beside it
+    top = MulticlassCalibrationError(num_classes=2, n_bins=10, norm="l1")(probs, targets)
+    assert metrics["ece_top_label"] == pytest.approx(float(top), abs=1e-7)
+    bins = first["calibration"]["bins"]
+    assert len(bins) == 10 and sum(b["count"] for b in bins) == 120
+    ece = sum(b["count"] / 120 * abs(b["observed"] - b["confidence"]) for b in bins if b["count"])
+    assert metrics["ece"] == pytest.approx(ece, abs=1e-6)
+    # AUROC: the positive class's binary AUROC, whichever class is positive
+    binary = BinaryAUROC()(probs[:, 1], targets).item()
+    assert metrics["auroc"] == pytest.approx(binary, abs=1e-6)
+    assert (
+        score(probs, targets, names, 1, bootstrap=None)["metrics"]["positive_class"] == "NonCOVID"
+    )
+
+
+def test_multiclass_score_ignores_a_positive_class_and_bins_top_label_confidence():
+    probs, targets = _random_task(200, 4, seed=3)
+    scored = score(probs, targets, list("abcd"), 1, n_bins=5, bootstrap=Bootstrap(100))
+    assert "positive_class" not in scored["metrics"]
+    bins = scored["calibration"]["bins"]
+    assert [b["lower"] for b in bins] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
+    confidence = probs.max(dim=1).values
+    assert [b["count"] for b in bins] == [
+        int(((confidence >= lo) & (confidence < lo + 0.2 + (lo == 0.8))).sum()) for lo in
+        (0, 0.2, 0.4, 0.6, 0.8)
+    ]  # fmt: skip
+    for ci in scored["intervals"].values():
+        assert ci["low"] <= ci["value"] <= ci["high"]
+        assert ci["high"] - ci["low"] < 0.3  # 200 images: a real interval, not [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("bootstrap", "bins", "message"),
+    [
+        ({"resamples": 0, "level": 0.95, "seed": 0}, 15, r"eval\.bootstrap\.resamples=0 must"),
+        ({"resamples": 10, "level": 95, "seed": 0}, 15, r"eval\.bootstrap\.level=95 must"),
+        ({"resamples": 10, "level": 0.9, "seed": -1}, 15, r"eval\.bootstrap\.seed=-1 must"),
+        ({"resamples": 10, "level": 0.9, "seed": 0}, 0, r"eval\.calibration_bins=0 must"),
+    ],
+)
+def test_bad_scoring_options_are_refused_by_name(bootstrap, bins, message):
+    with pytest.raises(ValueError, match=message):
+        scoring_options(bootstrap, bins, prefix="eval.")
+    assert scoring_options({"resamples": 10, "level": 0.9, "seed": 1}, 7) == (
+        Bootstrap(10, 0.9, 1),
+        7,
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -233,7 +358,7 @@ def test_plot_roc_binary_and_bad_shape(tmp_path):
 
 def test_binary_roc_and_sensitivity_follow_the_positive_class(tmp_path):
     from dwskd.metrics import positive_class_summary
-    from dwskd.report import _roc_curves
+    from dwskd.plots import _roc_curves
 
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
     targets = np.array([0, 1, 1, 0])

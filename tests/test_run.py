@@ -178,6 +178,8 @@ def test_student_larger_than_teacher_fails_before_training(tmp_path: Path) -> No
         ("method.distill.temperature=0", "temperature"),
         ("method.distill.ema_momentum=1.5", "momentum"),
         ("teacher.source=cloud", "teacher.source"),
+        ("eval.bootstrap.resamples=0", r"eval\.bootstrap\.resamples=0 must be an integer >= 1"),
+        ("eval.calibration_bins=0", r"eval\.calibration_bins=0 must be an integer >= 1"),
     ],
 )
 def test_bad_options_fail_before_training(override: str, match: str, tmp_path: Path) -> None:
