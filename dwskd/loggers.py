@@ -112,7 +112,7 @@ class StageWandbLogger(WandbLogger):
 
     Why a view per stage: each stage's Trainer counts steps from 0, so each stage gets its own
     step axis (``<stage>/global_step``, declared with ``define_metric``) and keys such as
-    ``teacher/train/loss`` or ``train/val/a/acc``; W&B's own ``_step`` runs on across stages.
+    ``teacher/train/loss`` or ``train/val/student_a/acc``; W&B's own ``_step`` runs on across stages.
     """
 
     def __init__(self, run: Any, stage: str, save_dir: Path) -> None:

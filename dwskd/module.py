@@ -23,7 +23,7 @@ from dwskd import distill, objectives
 from dwskd.distill import DistillOptions
 from dwskd.metrics import classification_metrics, flatten_metrics, scalar_only
 
-STUDENT_NAMES = ("a", "b", "c", "d")
+STUDENT_NAMES = ("student_a", "student_b")  # the default names of a module's models
 # The EMA copies and the frozen teacher are in eval mode on purpose (see DistillModule.train).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -83,13 +83,17 @@ class DistillModule(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         monitor: tuple[str, str] = ("acc", "max"),
         compile_students: bool = False,
+        names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if objective is None:
             objective = objectives.implied_by(options or DistillOptions().cross_entropy_only())
         self.stage, self.objective = stage, objective
         self.students = nn.ModuleList(students)
-        self.names = list(STUDENT_NAMES[: len(students)])
+        # dwskd's one naming scheme (student_a, student_b, teacher): logged keys, val curves
+        self.names = list(names or STUDENT_NAMES[: len(students)])
+        if len(self.names) != len(students):
+            raise ValueError(f"{len(students)} model(s) need as many names, got {self.names}")
         self.use_ema = objective.uses_ema
         # The averaged copies are submodules (``ema.<i>.*`` in checkpoints); timm's updaters
         # that hold them stay in a plain list, so their wrapper adds no ``module.`` to keys.

@@ -26,14 +26,13 @@ from dwskd.distill import DistillOptions
 from dwskd.loggers import run_names
 from dwskd.machine import git_commit, machine_info, package_versions
 from dwskd.metrics import Bootstrap, scalar_only, score, scoring_options, subset_summary
-from dwskd.module import DistillModule
+from dwskd.module import STUDENT_NAMES, DistillModule
 from dwskd.objectives import Objective
 from dwskd.report import write_run_report
 from dwskd.runs import RunDirectory, StageOutput, StageRunner, StageSpec
 
 log = logging.getLogger(__name__)
 
-REPORT_NAMES = ("student_a", "student_b")
 # The method.epochs / method.lr entry each stage role reads (runs.STAGE_ROLES names the roles).
 ROLE_SETTINGS = {"teacher": "teacher", "students": "train", "finetune": "finetune"}
 
@@ -69,6 +68,7 @@ class Context:
         spec: StageSpec | None,
         objective: Objective,
         teacher: nn.Module | None = None,
+        names: list[str] | None = None,
     ) -> DistillModule:
         """The LightningModule of training stage ``spec``, or (``spec=None``) one that only
         evaluates. ``model.compile`` compiles the students of the train / fine-tune stages
@@ -89,6 +89,7 @@ class Context:
             class_weights=dm.class_weights() if balance else None,
             monitor=(self.lightning.monitor.metric, self.lightning.monitor.mode),
             compile_students=bool(compiles),
+            names=names,
         )
 
     def fit(self, spec: StageSpec, module: DistillModule) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def teacher_stage(ctx: Context) -> nn.Module:
         if probe > 0 and head.changed:
             facts["probe"] = probe_head(ctx, teacher, probe)
         if spec.epochs > 0:
-            module = ctx.module([teacher], spec, ctx.plain())
+            module = ctx.module([teacher], spec, ctx.plain(), names=["teacher"])
             loaded = loaded_score(ctx, module) if tcfg.source in ("file", "hub") else None
             facts.update(ctx.fit(spec, module))
             if loaded is not None:
@@ -241,7 +242,7 @@ def teacher_stage(ctx: Context) -> nn.Module:
 
 def loaded_score(ctx: Context, module: DistillModule) -> tuple[float, dict[str, torch.Tensor]]:
     """The loaded teacher's monitored validation score, and a copy of its weights."""
-    score = ctx.evaluate(module, "val").metrics["a"][ctx.lightning.monitor.metric]
+    score = ctx.evaluate(module, "val").metrics["teacher"][ctx.lightning.monitor.metric]
     weights = {k: v.detach().clone() for k, v in module.students[0].state_dict().items()}
     return float(score), weights
 
@@ -282,7 +283,7 @@ def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
     pending, ctx.pending_ckpt = ctx.pending_ckpt, None  # ckpt_path= is for the stage proper
     try:
         spec = ctx.spec("teacher_probe", epochs)  # the teacher's lr, the probe's own seed
-        facts = ctx.fit(spec, ctx.module([teacher], spec, ctx.plain()))
+        facts = ctx.fit(spec, ctx.module([teacher], spec, ctx.plain(), names=["teacher"]))
     finally:
         ctx.pending_ckpt = pending
         for p in body:
@@ -305,7 +306,7 @@ def select_stage(ctx: Context, teacher: nn.Module | None) -> list[nn.Module]:
     if method.init != "select" or not students:
         return students
     plans = {}
-    for name, student, recipe in zip(REPORT_NAMES, students, recipes(ctx.cfg), strict=False):
+    for name, student, recipe in zip(STUDENT_NAMES, students, recipes(ctx.cfg), strict=False):
         plans[name] = selection.initialize_from_teacher(student, teacher, recipe).to_dict()
     if ctx.run_dir.writer and ctx.run_dir.layout.stage_record("select") is None:
         runs.write_json(ctx.run_dir.layout.done_json("select"), {"stage": "select", "plans": plans})
@@ -316,14 +317,14 @@ def train_stage(
     ctx: Context, students: list[nn.Module], teacher: nn.Module | None
 ) -> dict[str, dict]:
     """SKD between the students (or the baseline's objective); returns their val metrics."""
-    names = list(REPORT_NAMES[: len(students)])
+    names = list(STUDENT_NAMES[: len(students)])
 
     def fit() -> StageOutput:
         spec = ctx.spec("train")
         module = ctx.module(students, spec, ctx.objective, teacher)
         facts = ctx.fit(spec, module)
         val = ctx.evaluate(module, "val").metrics
-        facts["val"] = {n: val[short] for n, short in zip(names, module.names, strict=True)}
+        facts["val"] = {n: val[n] for n in names}
         ema = {}
         if module.use_ema and ctx.cfg.checkpoint.ema:
             ema = {f"ema_{n}": m for n, m in zip(names, module.ema, strict=True)}
@@ -347,7 +348,7 @@ def finetune_stage(ctx: Context, name: str, student: nn.Module) -> None:
         spec = ctx.spec("finetune", None if ctx.cfg.method.epochs.finetune > 0 else 0)
         facts: dict[str, Any] = {"epochs": spec.epochs, "deployed": name}
         if spec.epochs > 0:
-            facts.update(ctx.fit(spec, ctx.module([student], spec, ctx.plain())))
+            facts.update(ctx.fit(spec, ctx.module([student], spec, ctx.plain(), names=[name])))
         return StageOutput({name: student}, facts)
 
     ctx.runner.run("finetune", lambda: {name: student}, fit)
@@ -369,19 +370,19 @@ def test_stage(ctx: Context, students: list[nn.Module], teacher: nn.Module | Non
     for group, group_models in groups:
         if not group_models:
             continue
-        module = ctx.module(group_models, None, ctx.plain())  # evaluates only: no stage
+        names = ["teacher"] if group == "teacher" else None  # None: student_a, student_b
+        module = ctx.module(group_models, None, ctx.plain(), names=names)  # evaluates only
         val, test = ctx.evaluate(module, "val"), ctx.evaluate(module, "test")
-        for short in test.probs:
-            name = report_name(group, short)
-            entries[name] = score_splits(ctx, val, test, short, scoring)
-            predictions[name] = (test.probs[short].numpy(), test.targets.numpy())
-            by_source = source_scores(ctx.datamodule, test.probs[short], test.targets)
+        for name in test.probs:
+            entries[name] = score_splits(ctx, val, test, name, scoring)
+            predictions[name] = (test.probs[name].numpy(), test.targets.numpy())
+            by_source = source_scores(ctx.datamodule, test.probs[name], test.targets)
             if by_source:
                 entries[name]["test_by_source"] = by_source
     for name, model in named_models(students, teacher).items():
         entries[name].update(model_costs(ctx, model))
     if "ensemble" in entries:
-        members = [entries[n] for n in REPORT_NAMES[: len(students)]]
+        members = [entries[n] for n in STUDENT_NAMES[: len(students)]]
         entries["ensemble"].update(
             {k: sum(m[k] for m in members) for k in ("params", "flops") if k in members[0]}
         )
@@ -392,7 +393,7 @@ def score_splits(
     ctx: Context,
     val: training.Evaluation,
     test: training.Evaluation,
-    short: str,
+    name: str,
     scoring: tuple[Bootstrap, int],
 ) -> dict[str, Any]:
     """One model's val and test metrics by the one scorer; the rest of test's score (intervals,
@@ -401,7 +402,7 @@ def score_splits(
     bootstrap, bins = scoring
     scores = {
         split: score(
-            split_eval.probs[short],
+            split_eval.probs[name],
             split_eval.targets,
             names,
             positive,
@@ -429,14 +430,8 @@ def source_scores(datamodule: Any, probs: torch.Tensor, targets: torch.Tensor) -
     }
 
 
-def report_name(group: str, short: str) -> str:
-    if group == "teacher":
-        return "teacher"
-    return "ensemble" if short == "ensemble" else f"student_{short}"
-
-
 def named_models(students: list[nn.Module], teacher: nn.Module | None) -> dict[str, nn.Module]:
-    named = dict(zip(REPORT_NAMES, students, strict=False))
+    named = dict(zip(STUDENT_NAMES, students, strict=False))
     if teacher is not None:
         named["teacher"] = teacher
     return named
@@ -620,7 +615,7 @@ def run_stages(ctx: Context, command: str) -> dict[str, Any]:
     if students:
         val = train_stage(ctx, students, teacher)
         deployed = deployed_name(cfg, ctx.lightning.monitor, val)
-        finetune_stage(ctx, deployed, students[REPORT_NAMES.index(deployed)])
+        finetune_stage(ctx, deployed, students[STUDENT_NAMES.index(deployed)])
     if not run_dir.writer:
         return {}
     entries, predictions = test_stage(ctx, students, teacher)

@@ -87,15 +87,20 @@ def rows_of_run(path: Path) -> list[Row]:
 def val_curve(results: Mapping, model: str) -> tuple[float, ...]:
     """A model's validation accuracy after each epoch it trained: joint training, then fine-tune.
 
-    Runs made before the curves were recorded give an empty curve.
+    Runs made before the curves were recorded give an empty curve; runs made before dwskd
+    named every model alike (``student_a``, ``teacher``) keyed the curves ``a``/``b``.
     """
     stages = results.get("run", {}).get("stages", {})
+
+    def curve_of(stage: str, name: str, legacy: str) -> list[float]:
+        curves = stages.get(stage, {}).get("val_curve", {})
+        return list(curves.get(name, curves.get(legacy, ())))
+
     if model == "teacher":
-        return tuple(stages.get("teacher", {}).get("val_curve", {}).get("a", ()))
-    short = model.removeprefix("student_")
-    curve = list(stages.get("train", {}).get("val_curve", {}).get(short, ()))
+        return tuple(curve_of("teacher", "teacher", "a"))
+    curve = curve_of("train", model, model.removeprefix("student_"))
     if stages.get("finetune", {}).get("deployed") == model:
-        curve += stages["finetune"].get("val_curve", {}).get("a", ())
+        curve += curve_of("finetune", model, "a")
     return tuple(curve)
 
 

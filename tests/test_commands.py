@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dwskd import evaluate, export, predict
-from dwskd.commands import accept_renamed_options, compose_command, model_dir
+from dwskd.commands import accept_renamed_options, compose_command
 from dwskd.exported import ExportError
 from tests.conftest import run_module
 from tests.test_bad_exports import FAST, LABELS, write_folder
@@ -78,13 +78,6 @@ def test_predict_with_the_old_key_end_to_end(folder: Path, images: Path, tmp_pat
     assert len(list(csv.reader(out.open()))) == 1 + 2 * len(LABELS)
 
 
-def test_a_config_with_the_old_key_is_still_read() -> None:
-    """dwskd.external builds dwskd-eval's config from conf/evaluate.yaml with ``model``."""
-    assert model_dir(OmegaConf.create({"model_dir": "???", "model": "runs/a"})) == "runs/a"
-    assert model_dir(OmegaConf.create({"model_dir": "runs/b", "model": None})) == "runs/b"
-
-
-# ------------------------------------------------------------------- model_dir= works
 def test_predict_takes_model_dir(folder: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "preds.csv"
     cfg = compose_command(

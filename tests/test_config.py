@@ -132,7 +132,9 @@ def test_linear_probe_trains_only_the_new_head_of_a_file_teacher(tmp_path: Path)
     )
     layout = runs.RunLayout(tmp_path / "run")
     assert results["run"]["stages"]["teacher"]["probe"]["epochs"] == 1
-    assert "train/a/ce_epoch" in layout.metrics_csv("teacher_probe").read_text().splitlines()[0]
+    assert (
+        "train/teacher/ce_epoch" in layout.metrics_csv("teacher_probe").read_text().splitlines()[0]
+    )
     assert not list((tmp_path / "run").rglob("*.ckpt")), "probe checkpoints left behind"
     trained = load_file(str(layout.final_weights("teacher")))
     body = "blocks.0.mlp.fc1.weight"

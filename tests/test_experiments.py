@@ -186,7 +186,7 @@ def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) 
     pretrained = read_metrics(runs, "pretrained", "teacher")["run"]["stages"]["teacher"]
     assert pretrained["head"] == "matched rows of the source head"
     assert (pretrained["epochs"], pretrained["file"]) == (1, str(runs.parent / "union.safetensors"))
-    assert len(pretrained["val_curve"]["a"]) == 1  # one fine-tuning epoch, validated
+    assert len(pretrained["val_curve"]["teacher"]) == 1  # one fine-tuning epoch, validated
 
 
 def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:

@@ -231,7 +231,7 @@ def test_bad_scoring_options_are_refused_by_name(bootstrap, bins, message):
 # --------------------------------------------------------------------------- report
 
 # Columns as DistillModule logs them (per student a/b; the monitor val/acc is not a curve).
-FAKE_CSV = """epoch,step,train/a/ce_step,train/a/ce_epoch,train/b/ema_kd_epoch,train/a/acc_epoch,val/a/loss,val/a/acc,val/acc,lr
+FAKE_CSV = """epoch,step,train/student_a/ce_step,train/student_a/ce_epoch,train/student_b/ema_kd_epoch,train/student_a/acc_epoch,val/student_a/loss,val/student_a/acc,val/acc,lr
 0,4,2.0,,,,,,,0.1
 0,9,1.0,,,,,,,0.1
 0,9,,,,,1.2,0.5,0.5,
@@ -332,19 +332,19 @@ def test_learning_curves_from_csvlogger_file(tmp_path):
     csv_path.write_text(FAKE_CSV)
     curves = read_epoch_curves(csv_path)
     assert set(curves) == {
-        "train/a/ce_epoch",
-        "train/b/ema_kd_epoch",
-        "train/a/acc_epoch",
-        "val/a/loss",
-        "val/a/acc",
+        "train/student_a/ce_epoch",
+        "train/student_b/ema_kd_epoch",
+        "train/student_a/acc_epoch",
+        "val/student_a/loss",
+        "val/student_a/acc",
     }  # fmt: skip  (every loss term per student; no step columns, no monitor column)
-    assert curves["val/a/acc"] == {0: 0.5, 1: 0.75}
-    assert curves["train/b/ema_kd_epoch"] == {0: 0.3, 1: 0.2}
+    assert curves["val/student_a/acc"] == {0: 0.5, 1: 0.75}
+    assert curves["train/student_b/ema_kd_epoch"] == {0: 0.3, 1: 0.2}
     png = plot_learning_curves(csv_path, tmp_path / "curves.png", "train")
     assert png is not None and png.stat().st_size > 0
 
     no_curves = tmp_path / "other.csv"
-    no_curves.write_text("epoch,step,lr,train/a/ce_step\n0,1,0.1,2.0\n")
+    no_curves.write_text("epoch,step,lr,train/student_a/ce_step\n0,1,0.1,2.0\n")
     assert plot_learning_curves(no_curves, tmp_path / "none.png", "train") is None
 
 

@@ -99,7 +99,7 @@ def test_module_sums_and_logs_each_term_and_keeps_accuracy_out_of_the_losses() -
         terms = {k: logged[f"train/{name}/{k}"] for k in ("ce", "partner_kd", "ema_kd")}
         weighted = terms["ce"] + 0.5 * terms["partner_kd"] + 2.0 * terms["ema_kd"]
         assert torch.allclose(logged[f"train/{name}/total"], weighted)
-    assert torch.allclose(loss, logged["train/a/total"] + logged["train/b/total"])
+    assert torch.allclose(loss, logged["train/student_a/total"] + logged["train/student_b/total"])
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -153,5 +153,5 @@ def test_ema_only_is_one_class_one_yaml_and_trains_ce_plus_ema_kd(tmp_path: Path
     assert set(results["models"]) == {"student_a", "teacher"}
     with (tmp_path / "logs" / "train" / "metrics.csv").open() as f:
         header = next(csv.reader(f))
-    assert "train/a/ema_kd_step" in header and "train/a/ce_step" in header
-    assert not any("partner_kd" in c or "train/b/" in c for c in header)
+    assert "train/student_a/ema_kd_step" in header and "train/student_a/ce_step" in header
+    assert not any("partner_kd" in c or "train/student_b/" in c for c in header)

@@ -137,7 +137,7 @@ def test_every_method_runs(method: str, tmp_path: Path) -> None:
     assert set(results["models"]) == expected
     if method == "kd":
         rows = read_metrics_csv(tmp_path / "logs" / "train" / "metrics.csv")
-        assert logged_values(rows, "train/a/teacher_kd_step")
+        assert logged_values(rows, "train/student_a/teacher_kd_step")
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
@@ -249,9 +249,9 @@ def test_label_free_skd_trains_on_two_views_without_ce(tmp_path: Path) -> None:
     )
     run_pipeline(cfg, tmp_path)
     rows = read_metrics_csv(tmp_path / "logs" / "train" / "metrics.csv")
-    assert logged_values(rows, "train/a/partner_kd_step")
-    assert logged_values(rows, "train/b/ema_kd_step")
-    assert "train/a/ce_step" not in rows[0], "label-free SKD must not use the labels"
+    assert logged_values(rows, "train/student_a/partner_kd_step")
+    assert logged_values(rows, "train/student_b/ema_kd_step")
+    assert "train/student_a/ce_step" not in rows[0], "label-free SKD must not use the labels"
 
 
 def test_label_free_skd_without_two_views_is_rejected(tmp_path: Path) -> None:
