@@ -60,9 +60,9 @@ def load_model(
 
     ``model_name`` (``student_a``, ``student_b``, ``teacher``) picks another export of a run
     dir. The model is in eval mode; ``config`` is the folder's ``config.json`` (preprocessing:
-    :func:`dwskd.exported.preprocessing_of`).
+    :func:`dwskd.model_folder.preprocessing_of`).
     """
-    from dwskd.exported import load_model_folder, resolve_model_folder
+    from dwskd.model_folder import load_model_folder, resolve_model_folder
 
     return load_model_folder(resolve_model_folder(Path(path), model_name, option), option)
 

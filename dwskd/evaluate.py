@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dwskd import CONFIG_DIR, runs
+from dwskd import CONFIG_DIR, io
 from dwskd.commands import accept_renamed_options, plain_user_errors
 from dwskd.data.checks import check_several_classes, check_single_label, file_digests, scan_split
 from dwskd.inference import (
@@ -360,7 +360,7 @@ def collect_results(
     scores = score(probs, targets, task.classes, positive, n_bins=bins, bootstrap=bootstrap)
     return {
         "command": command_line(),
-        "time": runs.now_iso(),
+        "time": io.now_iso(),
         "model": {
             "name": loaded.name,
             "folder": str(loaded.folder),

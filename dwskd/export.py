@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from dwskd import CONFIG_DIR, exported
+from dwskd import CONFIG_DIR, model_folder
 from dwskd.commands import accept_renamed_options, plain_user_errors
 from dwskd.io import atomic_write, check_writable, refuse_existing
 
@@ -64,9 +64,9 @@ class ExportCheckError(RuntimeError):
 def check_request(out: Path, fmt: str) -> None:
     """Refuse a bad request before loading anything: unknown format, wrong suffix, existing out."""
     if fmt not in FORMATS:
-        raise exported.ExportError(f"format={fmt} is not one of {sorted(FORMATS)}.")
+        raise model_folder.ExportError(f"format={fmt} is not one of {sorted(FORMATS)}.")
     if out.suffix not in FORMATS[fmt]:
-        raise exported.ExportError(
+        raise model_folder.ExportError(
             f"out={out} does not match format={fmt}: its name must end in "
             f"{' or '.join(FORMATS[fmt])}."
         )
@@ -92,7 +92,7 @@ def require_onnx(check: bool) -> None:
 # ------------------------------------------------------------------------- metadata
 def preprocessing_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a consumer must do to an image before the model sees it, from the folder's config."""
-    pre = exported.preprocessing_of(config)
+    pre = model_folder.preprocessing_of(config)
     data = {**pre.data_config(), **config["pretrained_cfg"]}  # what the folder says wins
     return {
         "input_size": [pre.in_chans, pre.img_size, pre.img_size],
@@ -108,10 +108,10 @@ def preprocessing_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def preprocessing_from_metadata(meta: Mapping[str, Any]) -> exported.Preprocessing:
-    """The :class:`~dwskd.exported.Preprocessing` recorded in an exported file."""
+def preprocessing_from_metadata(meta: Mapping[str, Any]) -> model_folder.Preprocessing:
+    """The :class:`~dwskd.model_folder.Preprocessing` recorded in an exported file."""
     pre = meta["preprocessing"]
-    return exported.Preprocessing(
+    return model_folder.Preprocessing(
         in_chans=int(pre["in_chans"]),
         img_size=int(pre["img_size"]),
         mean=tuple(pre["mean"]),
@@ -372,8 +372,8 @@ def export_model(
     check_request(out, fmt)
     if fmt == "onnx":
         require_onnx(check)
-    folder = exported.resolve_model_folder(Path(model), model_name, option)
-    net, config = exported.load_model_folder(folder, option)
+    folder = model_folder.resolve_model_folder(Path(model), model_name, option)
+    net, config = model_folder.load_model_folder(folder, option)
     meta = build_metadata(folder, config, fmt, opset)
     pre = meta["preprocessing"]
     shape = (pre["in_chans"], pre["img_size"], pre["img_size"])

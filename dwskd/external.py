@@ -93,7 +93,7 @@ def score_model(model_folder: Path, spec: Mapping[str, Any], out: Path) -> dict[
     resumes by scoring again rather than meeting a half-written folder.
     """
     from dwskd import evaluate
-    from dwskd.runs import read_json
+    from dwskd.io import read_json
 
     if (out / "metrics.json").is_file():
         return read_json(out / "metrics.json")

@@ -98,7 +98,7 @@ class LoadedModel:
     folder: Path
     model: Any
     config: dict[str, Any]
-    preprocessing: Any  # dwskd.exported.Preprocessing
+    preprocessing: Any  # dwskd.model_folder.Preprocessing
 
     @property
     def name(self) -> str:
@@ -117,7 +117,7 @@ class LoadedModel:
 
 def load(model: str | Path, model_name: str | None = None, option: str = "model") -> LoadedModel:
     """``model=`` a model folder or a finished run dir (its deployed model unless ``model_name``)."""
-    from dwskd.exported import load_model_folder, preprocessing_of, resolve_model_folder
+    from dwskd.model_folder import load_model_folder, preprocessing_of, resolve_model_folder
 
     folder = resolve_model_folder(Path(model), model_name, option)
     network, config = load_model_folder(folder, option)

@@ -1,6 +1,6 @@
 """The one owner of how dwskd writes files: time stamps, atomic writes, refusals to overwrite.
 
-Every command and the run directory (:mod:`dwskd.runs`) go through here, so that a file is
+Every command and the run directory (:mod:`dwskd.rundir`) go through here, so that a file is
 never half-written (:func:`atomic_write`: a temporary name, then a rename), a failed write is
 named once and well (:class:`OutputError`: the path, a full disk with the space needed), an
 existing result is never overwritten (:func:`refuse_existing`, :func:`refuse_existing_folder`)

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dwskd.runs import RunDirectory, RunLayout, flatten
+from dwskd.rundir import RunDirectory, RunLayout, flatten
 
 LoggerFactory = Callable[..., Logger]
 

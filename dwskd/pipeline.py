@@ -2,7 +2,7 @@
 
 Data flows one way: config -> datamodule + teacher -> selection -> module -> trainer -> report.
 Objects are built once at the top (:func:`prepare`) and passed down. Every stage goes through
-one :class:`~dwskd.runs.StageRunner` (load its exports if finished, else fit, export, record);
+one :class:`~dwskd.rundir.StageRunner` (load its exports if finished, else fit, export, record);
 stages hand each other models in memory, files are for resuming and for users.
 """
 
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dwskd import exported, external, models, objectives, runs, selection, training
+from dwskd import external, io, model_folder, models, objectives, rundir, selection, training
 from dwskd.distill import DistillOptions
 from dwskd.loggers import run_names
 from dwskd.machine import git_commit, machine_info, package_versions
@@ -29,11 +29,11 @@ from dwskd.metrics import Bootstrap, scalar_only, score, scoring_options, subset
 from dwskd.module import STUDENT_NAMES, DistillModule
 from dwskd.objectives import Objective
 from dwskd.report import write_run_report
-from dwskd.runs import RunDirectory, StageOutput, StageRunner, StageSpec
+from dwskd.rundir import RunDirectory, StageOutput, StageRunner, StageSpec
 
 log = logging.getLogger(__name__)
 
-# The method.epochs / method.lr entry each stage role reads (runs.STAGE_ROLES names the roles).
+# The method.epochs / method.lr entry each stage role reads (rundir.STAGE_ROLES names the roles).
 ROLE_SETTINGS = {"teacher": "teacher", "students": "train", "finetune": "finetune"}
 
 
@@ -52,9 +52,9 @@ class Context:
     pending_ckpt: str | None = None
 
     def spec(self, stage: str, epochs: int | None = None) -> StageSpec:
-        """A training stage as data: role and seed offset from runs.py, epochs and lr from
+        """A training stage as data: role and seed offset from rundir.py, epochs and lr from
         ``method.epochs`` / ``method.lr`` of its role (``epochs`` given: those instead)."""
-        key = ROLE_SETTINGS[runs.STAGE_ROLES[stage]]
+        key = ROLE_SETTINGS[rundir.STAGE_ROLES[stage]]
         epochs = stage_epochs(self.cfg, key) if epochs is None else epochs
         return StageSpec.of(stage, epochs, float(self.cfg.method.lr[key]))
 
@@ -289,7 +289,7 @@ def probe_head(ctx: Context, teacher: nn.Module, epochs: int) -> dict[str, Any]:
         for p in body:
             p.requires_grad_(True)
     if ctx.run_dir.writer and not ctx.cfg.checkpoint.keep:
-        runs.remove_checkpoints(ctx.run_dir.layout, "teacher_probe")
+        rundir.remove_checkpoints(ctx.run_dir.layout, "teacher_probe")
     return facts
 
 
@@ -309,7 +309,7 @@ def select_stage(ctx: Context, teacher: nn.Module | None) -> list[nn.Module]:
     for name, student, recipe in zip(STUDENT_NAMES, students, recipes(ctx.cfg), strict=False):
         plans[name] = selection.initialize_from_teacher(student, teacher, recipe).to_dict()
     if ctx.run_dir.writer and ctx.run_dir.layout.stage_record("select") is None:
-        runs.write_json(ctx.run_dir.layout.done_json("select"), {"stage": "select", "plans": plans})
+        io.write_json(ctx.run_dir.layout.done_json("select"), {"stage": "select", "plans": plans})
     return students
 
 
@@ -455,7 +455,7 @@ def model_costs(ctx: Context, model: nn.Module) -> dict[str, Any]:
 def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -> dict[str, str]:
     """``exports/<model>/`` for every tested model: timm's folder format + dwskd provenance."""
     dm, layout = ctx.datamodule, ctx.run_dir.layout
-    preprocessing = exported.Preprocessing(
+    preprocessing = model_folder.Preprocessing(
         in_chans=dm.in_chans,
         img_size=dm.img_size,
         mean=tuple(dm.mean),
@@ -480,12 +480,12 @@ def write_exports(ctx: Context, named: Mapping[str, nn.Module], results: dict) -
             "metrics": {split: scalar_only(entry[split]) for split in ("val", "test")},
         }
         weights = layout.final_weights(name)  # this run's export, or a referenced file
-        folder = exported.write_model_folder(
+        folder = model_folder.write_model_folder(
             layout.export_dir(name),
             model,
             preprocessing,
             provenance,
-            weights=weights if exported.holds_state_of(weights, model) else None,
+            weights=weights if model_folder.holds_state_of(weights, model) else None,
         )
         written[name] = str(folder.relative_to(layout.root))
     return written
@@ -509,7 +509,7 @@ def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None)
         "teacher": cfg.teacher.name,
         "teacher_source": cfg.teacher.source,
         "seed": cfg.seed,
-        "stage_seeds": {s: ctx.runner.seed_of(s) for s in runs.STAGES},
+        "stage_seeds": {s: ctx.runner.seed_of(s) for s in rundir.STAGES},
         "deployed": deployed,
         "wall_time_s": round(ctx.run_dir.earlier_wall_time() + wall_time, 1),  # every process
         "output_dir": str(ctx.run_dir.layout.root),
@@ -522,8 +522,8 @@ def run_info(ctx: Context, wall_time: float, deployed: str, command: str | None)
     }
 
 
-def stage_records(layout: runs.RunLayout) -> dict[str, dict]:
-    return {s: r for s in runs.STAGES if (r := layout.stage_record(s)) is not None}
+def stage_records(layout: rundir.RunLayout) -> dict[str, dict]:
+    return {s: r for s in rundir.STAGES if (r := layout.stage_record(s)) is not None}
 
 
 def prepare(cfg: DictConfig, run_dir: RunDirectory) -> Context:
@@ -570,11 +570,11 @@ def run_pipeline(
     """
     config = OmegaConf.to_container(cfg, resolve=True)
     command = command or "(in-process run)"
-    finished = runs.finished_results(runs.RunLayout(Path(out_dir)), config)
+    finished = rundir.finished_results(rundir.RunLayout(Path(out_dir)), config)
     if finished is not None:
         log.info("%s is a finished run of this config: skipped, its results returned", out_dir)
         return finished
-    with runs.opened_run_dir(
+    with rundir.opened_run_dir(
         Path(out_dir),
         config,
         allow_changes=bool(cfg.resume.allow_config_changes),
@@ -598,7 +598,7 @@ def logged_config(ctx: Context) -> dict[str, Any]:
     training (code version, stage seeds, data), so runs can be filtered and compared by them."""
     facts = {
         "git": git_commit(),
-        "stage_seeds": {s: ctx.runner.seed_of(s) for s in runs.STAGES},
+        "stage_seeds": {s: ctx.runner.seed_of(s) for s in rundir.STAGES},
         "data": ctx.datamodule.summary(),
         "dir": str(ctx.run_dir.layout.root),
     }
@@ -629,7 +629,7 @@ def run_stages(ctx: Context, command: str) -> dict[str, Any]:
     results["run"]["exports"] = write_exports(ctx, named_models(students, teacher), results)
     if cfg.eval.get("external", True):
         results["external"] = score_external_sets(ctx, results)
-    csvs = {s: layout.metrics_csv(s) for s in runs.STAGES if layout.metrics_csv(s).is_file()}
+    csvs = {s: layout.metrics_csv(s) for s in rundir.STAGES if layout.metrics_csv(s).is_file()}
     dm = ctx.datamodule
     files = dm.split("test").names
     paths = write_run_report(layout, results, predictions, csvs, files, dm.positive_index)

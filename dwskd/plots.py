@@ -20,11 +20,11 @@ from torch import Tensor
 from torchmetrics.functional import auroc, roc
 from torchmetrics.utilities.plot import plot_confusion_matrix as draw_confusion_matrix
 
-from dwskd import runs
+from dwskd import io
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    return runs.atomic_write(
+    return io.atomic_write(
         Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     )
 

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dwskd import runs
+from dwskd import io, rundir
 from dwskd.metrics import INTERVAL_METRICS
 from dwskd.plots import plot_calibration, plot_confusion_matrix, plot_learning_curves, plot_roc
-from dwskd.runs import RunLayout
+from dwskd.rundir import RunLayout
 
 PLOTS_DIR = "plots"  # relative links in report.md; the folder is RunLayout.plots_dir
 MODEL_ORDER = ("student_a", "student_b", "ensemble", "teacher")
@@ -94,8 +94,8 @@ def with_model_keys(results: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_metrics_json(layout: RunLayout, results: dict) -> Path:
     """Write ``metrics.json`` (atomically: it is what marks a run finished)."""
-    runs.refuse_finished(layout)
-    return runs.write_json(layout.metrics_json, jsonable(with_model_keys(results)))
+    rundir.refuse_finished(layout)
+    return io.write_json(layout.metrics_json, jsonable(with_model_keys(results)))
 
 
 # --------------------------------------------------------------------------- score tables
@@ -203,7 +203,7 @@ def write_predictions_csv(
         with tmp.open("w", newline="") as out:
             csv.writer(out).writerows([header, *rows])
 
-    return runs.atomic_write(Path(path), write)
+    return io.atomic_write(Path(path), write)
 
 
 def write_score_plots(
@@ -401,7 +401,7 @@ def write_report_md(layout: RunLayout, results: dict) -> Path:
     links = _plot_links(layout, _ordered_models(models))
     if links:
         lines += ["## Plots", "", *[f"{link}\n" for link in links]]
-    return runs.write_text(layout.report_md, "\n".join(lines).rstrip() + "\n")
+    return io.write_text(layout.report_md, "\n".join(lines).rstrip() + "\n")
 
 
 def _class_names_for(entry: Mapping[str, Any], num_classes: int) -> list[str]:
@@ -544,6 +544,6 @@ def write_evaluation(
     paths.update(
         write_score_plots(results, predictions, classes, plots, f"{results['model']['name']}: ")
     )
-    paths["report"] = runs.write_text(out / "report.md", evaluation_report_md(results))
-    paths["metrics"] = runs.write_json(out / "metrics.json", jsonable(results))
+    paths["report"] = io.write_text(out / "report.md", evaluation_report_md(results))
+    paths["metrics"] = io.write_json(out / "metrics.json", jsonable(results))
     return paths

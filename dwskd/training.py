@@ -3,7 +3,7 @@
 Trainer, callbacks and loggers are instantiated from their config groups once at the top, as
 partials (:class:`LightningFactories`); each stage calls them for fresh objects. While a stage
 runs, its ``checkpoints/`` hold ``last.ckpt`` (full state, for resume) and ``best.ckpt``
-(the monitored best); :mod:`dwskd.runs` exports the best weights and deletes both afterwards.
+(the monitored best); :mod:`dwskd.rundir` exports the best weights and deletes both afterwards.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dwskd import loggers as stage_logging
+from dwskd.io import atomic_write
 from dwskd.metrics import classification_metrics, flatten_metrics
-from dwskd.runs import RunDirectory, atomic_write
+from dwskd.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dwskd.io import now_iso
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from experiments.common import METHODS, RESULTS_DIR, TEACHER_FREE, machine_lines
 
 META_FILE = "paper_meta.json"

@@ -12,7 +12,7 @@ is every other varying key, and its row gives the number of runs and mean ± sam
 latency.
 
 Keys that say nothing about the setting are left out: ``hydra.*``, ``paths.*``, ``run.*``,
-dwskd's logging/display keys (``dwskd.runs.IGNORED_KEYS``) and paths into the run's own
+dwskd's logging/display keys (``dwskd.rundir.IGNORED_KEYS``) and paths into the run's own
 dir. Paths into *another* run's dir (a shared teacher of the same seed) have that run's
 seed masked (``s2`` -> ``s*``, ``3_teacher_toy_s2`` -> ``*_teacher_toy_s*``): the file a seed
 uses is a replicate detail, the kind of run it comes from is the setting. A key whose value
@@ -38,7 +38,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from dwskd.io import now_iso
-from dwskd.runs import IGNORED_KEYS, RunLayout, flatten, read_results
+from dwskd.rundir import IGNORED_KEYS, RunLayout, flatten, read_results
 from experiments.aggregate import deployed_summary, mean_std, pct, plain
 from experiments.common import invocation
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dwskd import exported
+from dwskd import model_folder
 from dwskd.io import now_iso
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from experiments import aggregate, external_table, paper
 from experiments.common import REPO, RESULTS_DIR, invocation, set_offline_env, show_progress
 from experiments.launch import Launch, add_launch_argument, split_launch
@@ -184,7 +184,7 @@ def union_teacher_job(arch: str, device: str, epochs: int = UNION_EPOCHS) -> pap
 def union_teacher_file(arch: str) -> Path:
     """Its export (label names beside it in config.json, for teacher.head=match)."""
     layout = RunLayout(union_teacher_job(arch, "cpu").run_dir)
-    return layout.export_dir("teacher") / exported.WEIGHTS_FILE
+    return layout.export_dir("teacher") / model_folder.WEIGHTS_FILE
 
 
 # The table's values (a variant with them is the table's own run): method.distill.temperature

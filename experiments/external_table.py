@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dwskd.runs import read_results
+from dwskd.rundir import read_results
 from experiments.aggregate import SCENARIO_TITLES, mean_std, plain
 from experiments.common import METHODS
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dwskd.io import now_iso
 from dwskd.machine import machine_info
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from experiments.aggregate import mean_std, pct
 from experiments.common import (
     REPO,

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from experiments.common import OFFLINE_ENV, REPO
 
 DEFAULT_KILLS = ("teacher:40", "train:30", "finetune:10", "test:2")

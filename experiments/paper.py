@@ -38,7 +38,7 @@ from pathlib import Path
 
 from dwskd.io import atomic_write, now_iso
 from dwskd.machine import machine_info
-from dwskd.runs import RunLayout
+from dwskd.rundir import RunLayout
 from experiments import aggregate
 from experiments.common import (
     METHODS,

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 
 from dwskd.io import now_iso
 from dwskd.machine import machine_info
-from dwskd.runs import read_results
+from dwskd.rundir import read_results
 from experiments import paper
 from experiments.aggregate import mean_std, plain
 from experiments.common import (

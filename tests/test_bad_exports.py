@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dwskd import exported
+from dwskd import model_folder
 from dwskd.commands import compose_command
 from dwskd.evaluate import EvaluationError, run
-from dwskd.exported import ExportError
 from dwskd.inference import load
+from dwskd.model_folder import ExportError
 
 LABELS = ("COVID", "NonCOVID")
 FAST = ["progress=false", "bootstrap.resamples=50", "device=cpu"]
@@ -35,11 +35,11 @@ def write_folder(folder: Path, positive_class: str | None = "COVID") -> Path:
     model = timm.create_model(
         "vit_tiny_patch16_224", depth=1, img_size=32, in_chans=1, num_classes=len(LABELS)
     )
-    preprocessing = exported.Preprocessing(
+    preprocessing = model_folder.Preprocessing(
         in_chans=1, img_size=32, mean=(0.5,), std=(0.25,), label_names=LABELS
     )
     provenance = {"model": "student_a", "positive_class": positive_class}
-    return exported.write_model_folder(folder, model, preprocessing, provenance)
+    return model_folder.write_model_folder(folder, model, preprocessing, provenance)
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from dwskd import export, exported, runs
+from dwskd import export, io, model_folder, rundir
 from dwskd.commands import compose_command, is_user_error, user_error
 from dwskd.evaluate import EvaluationError
 from dwskd.evaluate import run as evaluate
-from dwskd.exported import ExportError
 from dwskd.io import OutputError, atomic_write
+from dwskd.model_folder import ExportError
 from dwskd.predict import run as predict
 from tests.conftest import REPO, run_module
 from tests.test_bad_exports import write_folder
@@ -57,33 +57,33 @@ def test_deleted_exports_are_called_missing_not_old(run_dir: Path, tmp_path: Pat
     run = copy_run(run_dir, tmp_path / "run")
     shutil.rmtree(run / "exports")
     with pytest.raises(ExportError, match="exports/ folder is missing") as refused:
-        exported.resolve_model_folder(run)
+        model_folder.resolve_model_folder(run)
     assert "older dwskd" not in str(refused.value)
     assert "Copy it back from the original run dir" in str(refused.value)
     assert "another finished run" in str(refused.value)
     (run / "exports").mkdir()  # one export deleted: named, the others offered
     shutil.copytree(run_dir / "exports" / "teacher", run / "exports" / "teacher")
     with pytest.raises(ExportError, match=r"missing exports/student_a/.*one of \['teacher'\]"):
-        exported.resolve_model_folder(run)
+        model_folder.resolve_model_folder(run)
 
 
 def test_a_run_that_never_exported_is_still_called_older(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps({"deployed": "student_a"}))
     with pytest.raises(ExportError, match="an older dwskd made this run"):
-        exported.resolve_model_folder(tmp_path)
+        model_folder.resolve_model_folder(tmp_path)
 
 
 def test_model_name_with_an_export_folder(run_dir: Path) -> None:
     folder = run_dir / "exports" / "student_a"
-    assert exported.resolve_model_folder(folder, "student_a") == folder  # its own name: fine
+    assert model_folder.resolve_model_folder(folder, "student_a") == folder  # its own name: fine
     pattern = (
         r"is already a model folder \(of 'student_a'\); model_name= picks a model of a run "
         rf"dir\. Drop model_name=teacher, or give model={run_dir / 'exports' / 'teacher'}\."
     )
     with pytest.raises(ExportError, match=pattern):
-        exported.resolve_model_folder(folder, "teacher")
+        model_folder.resolve_model_folder(folder, "teacher")
     with pytest.raises(ExportError, match=r"give model=<run dir> model_name=student_b"):
-        exported.resolve_model_folder(folder, "student_b")
+        model_folder.resolve_model_folder(folder, "student_b")
 
 
 # ------------------------------------------------------------------- 2. unwritable out
@@ -205,7 +205,7 @@ def test_full_disk_while_saving_weights(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     target = tmp_path / "stages" / "train" / "student_a.safetensors"
     with pytest.raises(OutputError, match=rf"No space left on {target} \(needed about 0.4 MB"):
-        runs.save_weights(torch.nn.Linear(100, 1000), target)
+        rundir.save_weights(torch.nn.Linear(100, 1000), target)
     assert list(target.parent.iterdir()) == []
 
 
@@ -224,19 +224,19 @@ def test_full_disk_during_an_export_leaves_nothing(
 
 # ------------------------------------------------------------------- 5. a running run
 def test_a_running_run_is_named_before_its_config_is_compared(tmp_path: Path) -> None:
-    running = runs.open_run_dir(tmp_path, {"seed": 1})
+    running = rundir.open_run_dir(tmp_path, {"seed": 1})
     running.start({"seed": 1}, "python -m dwskd.run seed=1")
     try:
         with pytest.raises(
-            runs.RunDirError, match=rf"in use by another dwskd run \(pid {os.getpid()} on "
+            rundir.RunDirError, match=rf"in use by another dwskd run \(pid {os.getpid()} on "
         ):
-            runs.open_run_dir(tmp_path, {"seed": 2})
-        rank1 = runs.open_run_dir(tmp_path, {"seed": 1}, writer=False)  # DDP rank > 0
+            rundir.open_run_dir(tmp_path, {"seed": 2})
+        rank1 = rundir.open_run_dir(tmp_path, {"seed": 1}, writer=False)  # DDP rank > 0
         assert not rank1.writer
     finally:
         running.close()
-    with pytest.raises(runs.RunDirError, match="stopped run started with another config"):
-        runs.open_run_dir(tmp_path, {"seed": 2})
+    with pytest.raises(rundir.RunDirError, match="stopped run started with another config"):
+        rundir.open_run_dir(tmp_path, {"seed": 2})
 
 
 # ------------------------------------------------------------------- 6. file modes
@@ -252,22 +252,22 @@ def test_written_files_get_the_usual_mode(umask_022, run_dir: Path, tmp_path: Pa
 
     private = tmp_path / "private.bin"
     atomic_write(private, lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)))
-    weights = runs.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
+    weights = rundir.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
     folder = write_folder(tmp_path / "exports" / "student_a")  # its weights are not linked
     out = tmp_path / "student.pt"
     export.export_model(run_dir, out, fmt="torchscript", check=False)
-    for path in (private, weights, folder / exported.WEIGHTS_FILE, out):
+    for path in (private, weights, folder / model_folder.WEIGHTS_FILE, out):
         assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
 
 
 # ------------------------------------------------------------------- 7. wall time over resumes
 def test_wall_time_adds_up_over_processes(tmp_path: Path) -> None:
     config = {"seed": 1}
-    first = runs.open_run_dir(tmp_path, config)
+    first = rundir.open_run_dir(tmp_path, config)
     first.start(config, "cmd")
     first._clock -= 5.0  # as if it had run for 5 s
     first.close()  # stopped by an error or Ctrl-C: its time is recorded
-    killed = runs.open_run_dir(tmp_path, config)
+    killed = rundir.open_run_dir(tmp_path, config)
     killed.start(config, "cmd")
     assert killed.earlier_wall_time() == pytest.approx(5.0, abs=0.5)
     # killed (SIGKILL) 10 s after it started, its last write 3 s before the kill
@@ -276,11 +276,11 @@ def test_wall_time_adds_up_over_processes(tmp_path: Path) -> None:
     now = time.time()
     os.utime(killed.layout.record_json, (now - 3, now - 3))
     killed.lock.release()
-    third = runs.open_run_dir(tmp_path, config)
+    third = rundir.open_run_dir(tmp_path, config)
     third.start(config, "cmd")
     assert third.earlier_wall_time() == pytest.approx(5.0 + 7.0, abs=0.5)
     third.close()
-    assert "running_since" not in runs.read_json(third.layout.record_json)
+    assert "running_since" not in io.read_json(third.layout.record_json)
 
 
 # ------------------------------------------------------------------- 8. messages, no traceback
@@ -309,7 +309,7 @@ def test_user_errors_print_their_message_alone(run_dir: Path, tmp_path: Path) ->
 
 
 def test_a_refused_training_run_prints_its_message_alone(tmp_path: Path) -> None:
-    holder = runs.RunLock(runs.RunLayout(tmp_path).lock_file)
+    holder = rundir.RunLock(rundir.RunLayout(tmp_path).lock_file)
     holder.acquire()
     try:
         done = run_module("dwskd.run", "method=scratch", f"hydra.run.dir={tmp_path}")
@@ -331,7 +331,7 @@ def test_only_dwskd_refusals_count_as_user_errors() -> None:
         raise AssertionError("no error")
 
     assert is_user_error(caught(lambda: classification_metrics(1)))  # dwskd's option check
-    assert is_user_error(runs.RunDirError("in use"))
+    assert is_user_error(rundir.RunDirError("in use"))
     assert not is_user_error(caught(lambda: int("x")))  # a ValueError from elsewhere: a bug
     assert not is_user_error(caught(lambda: {}["key"]))
     from hydra.errors import InstantiationException

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dwskd import evaluate, export, predict
 from dwskd.commands import accept_renamed_options, compose_command
-from dwskd.exported import ExportError
+from dwskd.model_folder import ExportError
 from tests.conftest import run_module
 from tests.test_bad_exports import FAST, LABELS, write_folder
 

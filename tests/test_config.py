@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from dwskd import runs, training
+from dwskd import io, rundir, training
 from dwskd.loggers import RunNames
 from dwskd.pipeline import optimized_value, run_pipeline
 from tests.conftest import compose_config
@@ -69,17 +69,17 @@ def test_sweepers_get_the_validation_metric_of_the_deployed_model(tmp_path: Path
     deployed = results["models"][results["deployed"]]
     assert optimized_value(results, "val/acc") == deployed["val"]["acc"]
     assert optimized_value(results, "val/balanced_acc") == deployed["val"]["balanced_acc"]
-    saved = json.loads(runs.RunLayout(tmp_path).metrics_json.read_text())
+    saved = json.loads(rundir.RunLayout(tmp_path).metrics_json.read_text())
     assert saved["run"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert saved["run"]["stage_seeds"] == {"teacher": 42, "select": 43, "train": 44, "finetune": 45}
-    record = runs.RunLayout(tmp_path).stage_record("train")
-    assert record["seed"] == 44 and record["fingerprint"] == runs.fingerprint(record["config"])
+    record = rundir.RunLayout(tmp_path).stage_record("train")
+    assert record["seed"] == 44 and record["fingerprint"] == rundir.fingerprint(record["config"])
 
 
 def test_ckpt_path_of_another_stage_is_refused(tmp_path: Path) -> None:
     first = compose_config("method=scratch", "eval.latency=false", "checkpoint.keep=true")
     run_pipeline(first, tmp_path / "first")
-    train_ckpt = runs.RunLayout(tmp_path / "first").last_checkpoint("train")
+    train_ckpt = rundir.RunLayout(tmp_path / "first").last_checkpoint("train")
     teacher_run = compose_config("method=teacher", "eval.latency=false", f"ckpt_path={train_ckpt}")
     with pytest.raises(training.ResumeError, match="'train' stage.*'teacher'"):
         run_pipeline(teacher_run, tmp_path / "second")
@@ -87,7 +87,7 @@ def test_ckpt_path_of_another_stage_is_refused(tmp_path: Path) -> None:
 
 def test_unchanged_teacher_file_is_referenced_not_copied(tmp_path: Path) -> None:
     run_pipeline(compose_config("method=teacher", "eval.latency=false"), tmp_path / "teacher")
-    weights = runs.RunLayout(tmp_path / "teacher").weights("teacher", "teacher")
+    weights = rundir.RunLayout(tmp_path / "teacher").weights("teacher", "teacher")
     student = compose_config(
         "method=ws",
         "eval.latency=false",
@@ -98,14 +98,14 @@ def test_unchanged_teacher_file_is_referenced_not_copied(tmp_path: Path) -> None
         "method.epochs.train=1",
     )
     run_pipeline(student, tmp_path / "ws")
-    layout = runs.RunLayout(tmp_path / "ws")
+    layout = rundir.RunLayout(tmp_path / "ws")
     export = layout.stage_record("teacher")["exports"]["teacher"]
-    assert export == {"reference": str(weights.resolve()), "sha256": runs.file_sha256(weights)}
+    assert export == {"reference": str(weights.resolve()), "sha256": io.file_sha256(weights)}
     assert not layout.weights("teacher", "teacher").exists()
     # The reference is checked when the finished stage is loaded again.
     layout.metrics_json.unlink()
     weights.write_bytes(weights.read_bytes()[:-8] + b"changed!")
-    with pytest.raises(runs.RunDirError, match="has changed"):
+    with pytest.raises(rundir.RunDirError, match="has changed"):
         run_pipeline(student, tmp_path / "ws")
 
 
@@ -130,7 +130,7 @@ def test_linear_probe_trains_only_the_new_head_of_a_file_teacher(tmp_path: Path)
         ),
         tmp_path / "run",
     )
-    layout = runs.RunLayout(tmp_path / "run")
+    layout = rundir.RunLayout(tmp_path / "run")
     assert results["run"]["stages"]["teacher"]["probe"]["epochs"] == 1
     assert (
         "train/teacher/ce_epoch" in layout.metrics_csv("teacher_probe").read_text().splitlines()[0]

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from dwskd import exported
+from dwskd import model_folder
 from dwskd.data import DataError, SyntheticDataModule
 from dwskd.data.base import BaseDataModule, SplitData
 from dwskd.data.splits import groups_from_regex, train_subset
@@ -179,8 +179,8 @@ def write_folder(folder: Path, standardize: bool) -> Path:
     )
     # timm's head starts near zero: probabilities would barely follow the input
     torch.nn.init.normal_(model.head.weight)
-    prep = exported.Preprocessing(1, 16, (0.5,), (0.25,), ("a", "b"), standardize=standardize)
-    return exported.write_model_folder(folder, model.eval(), prep, {"model": "tiny"})
+    prep = model_folder.Preprocessing(1, 16, (0.5,), (0.25,), ("a", "b"), standardize=standardize)
+    return model_folder.write_model_folder(folder, model.eval(), prep, {"model": "tiny"})
 
 
 def test_standardize_round_trips_through_config_json_and_old_exports_read_false(
@@ -191,13 +191,13 @@ def test_standardize_round_trips_through_config_json_and_old_exports_read_false(
     from dwskd import export
 
     folder = write_folder(tmp_path / "model", standardize=True)
-    config = exported.read_config(folder)
-    assert config["standardize"] is True and exported.preprocessing_of(config).standardize
+    config = model_folder.read_config(folder)
+    assert config["standardize"] is True and model_folder.preprocessing_of(config).standardize
     meta = {"preprocessing": export.preprocessing_metadata(config)}
-    assert export.preprocessing_from_metadata(meta) == exported.preprocessing_of(config)
+    assert export.preprocessing_from_metadata(meta) == model_folder.preprocessing_of(config)
     del config["standardize"], meta["preprocessing"]["standardize"]  # an older dwskd's export
-    (folder / exported.CONFIG_FILE).write_text(json.dumps(config))
-    assert exported.preprocessing_of(exported.read_config(folder)).standardize is False
+    (folder / model_folder.CONFIG_FILE).write_text(json.dumps(config))
+    assert model_folder.preprocessing_of(model_folder.read_config(folder)).standardize is False
     assert export.preprocessing_from_metadata(meta).standardize is False
 
 

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 from dwskd.commands import compose_command
 from dwskd.evaluate import EvaluationError, build_task, positive_index, run
 from dwskd.metrics import reliability_bins
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from tests.conftest import run_module
 from tests.test_predict import folder_run
 

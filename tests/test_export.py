@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dwskd import export, exported
+from dwskd import export, model_folder
 from tests.conftest import REPO
 
-PREPROCESSING = exported.Preprocessing(
+PREPROCESSING = model_folder.Preprocessing(
     in_chans=1, img_size=32, mean=(0.45,), std=(0.22,), label_names=("normal", "nodule", "mass")
 )
 PROVENANCE = {"model": "student_a", "deployed": True, "method": "dwskd", "seed": 7}
@@ -30,7 +30,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = timm.create_model(
         "vit_tiny_patch16_224", depth=2, img_size=32, in_chans=1, num_classes=3
     )
-    exported.write_model_folder(root / "exports" / "student_a", model, PREPROCESSING, PROVENANCE)
+    model_folder.write_model_folder(
+        root / "exports" / "student_a", model, PREPROCESSING, PROVENANCE
+    )
     (root / "metrics.json").write_text(json.dumps({"deployed": "student_a"}))
     return root
 
@@ -60,7 +62,7 @@ def test_onnx_matches_pytorch_on_any_batch_size(onnx_export: dict, folder: Path)
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, outp.name) == ("image", "logits")
     assert isinstance(inp.shape[0], str) and inp.shape[1:] == [1, 32, 32]  # symbolic batch
-    model, _ = exported.load_model_folder(folder)
+    model, _ = model_folder.load_model_folder(folder)
     for batch in (1, 3):
         x = torch.randn(batch, 1, 32, 32)
         (logits,) = session.run(["logits"], {"image": x.numpy()})
@@ -73,9 +75,9 @@ def test_onnx_metadata_round_trip(onnx_export: dict, folder: Path) -> None:
     import onnx
 
     props = {p.key: json.loads(p.value) for p in onnx.load(onnx_export["out"]).metadata_props}
-    config = exported.read_config(folder)
+    config = model_folder.read_config(folder)
     assert props["preprocessing"] == export.preprocessing_metadata(config)
-    assert export.preprocessing_from_metadata(props) == exported.preprocessing_of(config)
+    assert export.preprocessing_from_metadata(props) == model_folder.preprocessing_of(config)
     assert props["preprocessing"]["interpolation"] == "box"
     assert props["provenance"]["seed"] == 7 and props["provenance"]["exported"]["opset"] == 18
     assert props["interface"]["output"] == "logits"
@@ -92,12 +94,12 @@ def test_pytorch_formats_round_trip(fmt: str, suffix: str, folder: Path, tmp_pat
         loaded = torch.jit.load(str(out), map_location="cpu")
     else:
         loaded = torch.export.load(str(out)).module()
-    model, config = exported.load_model_folder(folder)
+    model, config = model_folder.load_model_folder(folder)
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     meta = export.read_metadata(out)
-    assert export.preprocessing_from_metadata(meta) == exported.preprocessing_of(config)
+    assert export.preprocessing_from_metadata(meta) == model_folder.preprocessing_of(config)
     assert meta["provenance"]["exported"]["format"] == fmt
 
 
@@ -107,9 +109,9 @@ def test_refuses_existing_out_wrong_suffix_and_non_model(folder: Path, tmp_path:
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         export.export_model(folder, out, fmt="torchscript")
     assert out.read_text() == "earlier result"
-    with pytest.raises(exported.ExportError, match=r"must end in \.pt2"):
+    with pytest.raises(model_folder.ExportError, match=r"must end in \.pt2"):
         export.export_model(folder, tmp_path / "student.onnx", fmt="torch_export")
-    with pytest.raises(exported.ExportError, match="neither a model folder"):
+    with pytest.raises(model_folder.ExportError, match="neither a model folder"):
         export.export_model(tmp_path, tmp_path / "student.ts", fmt="torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dwskd import io, runs
+from dwskd import io, rundir
 from tests.conftest import REPO
 
 
@@ -101,7 +101,7 @@ def test_check_writable_names_a_file_in_the_way(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- the run dir's lock
 HOLD = (
-    "import sys, time; from dwskd import runs; lock = runs.RunLock(sys.argv[1]); lock.acquire(); "
+    "import sys, time; from dwskd import rundir; lock = rundir.RunLock(sys.argv[1]); lock.acquire(); "
     "print('held', flush=True); time.sleep(120)"
 )
 
@@ -109,7 +109,7 @@ HOLD = (
 @pytest.fixture
 def holder(tmp_path: Path):
     """Another process holding ``<tmp_path>/run.lock`` (killed at the end if still alive)."""
-    lock_file = runs.RunLayout(tmp_path).lock_file
+    lock_file = rundir.RunLayout(tmp_path).lock_file
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(lock_file)], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
@@ -121,39 +121,41 @@ def holder(tmp_path: Path):
 
 def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path: Path, holder) -> None:
     started = time.monotonic()
-    with pytest.raises(runs.RunDirError) as refused:
-        runs.open_run_dir(tmp_path, {"seed": 1})
+    with pytest.raises(rundir.RunDirError) as refused:
+        rundir.open_run_dir(tmp_path, {"seed": 1})
     assert time.monotonic() - started < 2.0  # timeout 0: refused, not queued
     holder_name = rf"pid {holder.pid} on \S+ since \d{{4}}-"
     assert re.search(
         rf"{re.escape(str(tmp_path))} is in use by another dwskd run \({holder_name}",
         str(refused.value),
     )
-    lock = runs.RunLock(runs.RunLayout(tmp_path).lock_file)  # past the probe, at the lock itself
-    with pytest.raises(runs.RunDirError, match=rf"\({holder_name}"):
+    lock = rundir.RunLock(
+        rundir.RunLayout(tmp_path).lock_file
+    )  # past the probe, at the lock itself
+    with pytest.raises(rundir.RunDirError, match=rf"\({holder_name}"):
         lock.acquire()
     # a refused try leaves the holder's name in the file for the next one
-    assert f"pid {holder.pid} on " in runs.RunLayout(tmp_path).lock_file.read_text()
+    assert f"pid {holder.pid} on " in rundir.RunLayout(tmp_path).lock_file.read_text()
     assert not (tmp_path / "record.json").exists()
 
 
 def test_the_os_releases_the_lock_of_a_killed_holder(tmp_path: Path, holder) -> None:
     holder.kill()  # SIGKILL: no clean-up runs in the holder
     holder.wait()
-    run_dir = runs.open_run_dir(tmp_path, {"seed": 1})
+    run_dir = rundir.open_run_dir(tmp_path, {"seed": 1})
     try:
         assert run_dir.writer
-        assert runs.RunLayout(tmp_path).lock_file.read_text().startswith(f"pid {os.getpid()} on ")
+        assert rundir.RunLayout(tmp_path).lock_file.read_text().startswith(f"pid {os.getpid()} on ")
     finally:
         run_dir.close()
-    assert not runs.RunLayout(tmp_path).lock_file.exists()  # refused-before-start: no trace
+    assert not rundir.RunLayout(tmp_path).lock_file.exists()  # refused-before-start: no trace
 
 
 def test_a_released_lock_can_be_taken_again_in_the_same_process(tmp_path: Path) -> None:
     config = {"seed": 1}
-    first = runs.open_run_dir(tmp_path, config)
+    first = rundir.open_run_dir(tmp_path, config)
     first.start(config, "cmd")
     first.close()
-    again = runs.open_run_dir(tmp_path, config)
+    again = rundir.open_run_dir(tmp_path, config)
     again.close()
     assert json.loads((tmp_path / "record.json").read_text())["command"] == "cmd"

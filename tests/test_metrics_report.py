@@ -19,7 +19,7 @@ from dwskd.metrics import (
 )
 from dwskd.plots import plot_learning_curves, plot_roc, read_epoch_curves
 from dwskd.report import write_metrics_json, write_run_report
-from dwskd.runs import RunDirError, RunLayout
+from dwskd.rundir import RunDirError, RunLayout
 
 CLASSES = ["cat", "dog", "eel"]
 TARGETS = [0, 0, 0, 1, 1, 2, 2]

@@ -16,7 +16,7 @@ from dwskd import distill, objectives
 from dwskd.distill import DistillOptions
 from dwskd.module import DistillModule
 from dwskd.pipeline import Context, run_pipeline
-from dwskd.runs import STAGE_SEED_OFFSETS, StageSpec
+from dwskd.rundir import STAGE_SEED_OFFSETS, StageSpec
 from experiments import paper
 from experiments.common import METHODS, TEACHER_FREE, method_students, needs_teacher
 from tests.conftest import compose_config

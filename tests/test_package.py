@@ -273,13 +273,13 @@ def test_import_dwskd_and_help_stay_light(tmp_path: Path) -> None:
 
 def test_public_api() -> None:
     import dwskd
-    from dwskd import exported, selection
+    from dwskd import model_folder, selection
 
     assert set(dwskd.__all__) <= set(dir(dwskd))
     assert dwskd.select_weights is selection.initialize_from_teacher
     assert dwskd.SelectionRecipe is selection.SelectionRecipe
     assert callable(dwskd.load_model)
-    with pytest.raises(exported.ExportError):
+    with pytest.raises(model_folder.ExportError):
         dwskd.load_model(REPO / "conf")  # neither a model folder nor a finished run dir
     assert (Path(dwskd.CONFIG_DIR) / "config.yaml").is_file()
     with pytest.raises(AttributeError):

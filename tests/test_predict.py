@@ -13,11 +13,11 @@ from PIL import Image
 from dwskd.commands import compose_command
 from dwskd.data.checks import DataError
 from dwskd.data.synthetic import CLASS_NAMES, make_split
-from dwskd.exported import ExportError, label_names, read_config
 from dwskd.inference import InferenceError, csv_inputs, image_files
+from dwskd.model_folder import ExportError, label_names, read_config
 from dwskd.pipeline import run_pipeline
 from dwskd.predict import run
-from dwskd.runs import RunLayout, read_results
+from dwskd.rundir import RunLayout, read_results
 from tests.conftest import compose_config, run_module
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dwskd.pipeline import run_pipeline
-from dwskd.runs import RunLayout
+from dwskd.rundir import RunLayout
 from tests.conftest import compose_config
 
 
@@ -89,24 +89,24 @@ def test_dwskd_logs_every_loss_term_finite_per_student(dwskd_run: tuple[Path, di
 def test_selected_students_start_from_the_teacher(dwskd_run: tuple[Path, dict]) -> None:
     """The select stage's students hold the teacher's even / odd channels (complementary)."""
     out, _ = dwskd_run
-    from dwskd import pipeline, runs
+    from dwskd import pipeline, rundir
 
-    with runs.opened_run_dir(out / "copy", {}) as run_dir:
+    with rundir.opened_run_dir(out / "copy", {}) as run_dir:
         ctx = pipeline.prepare(compose_config("teacher.source=fit"), run_dir)
     from dwskd.models import create_model
 
     teacher = create_model(ctx.cfg.teacher, **ctx.shape)
-    runs.load_weights(teacher, runs.RunLayout(out).weights("teacher", "teacher"))
+    rundir.load_weights(teacher, rundir.RunLayout(out).weights("teacher", "teacher"))
     a, b = pipeline.select_stage(ctx, teacher)
     key = "blocks.0.norm1.weight"
     assert torch.equal(a.state_dict()[key], teacher.state_dict()[key][0::2])
     assert torch.equal(b.state_dict()[key], teacher.state_dict()[key][1::2])
-    plans = json.loads(runs.RunLayout(out).done_json("select").read_text())["plans"]
+    plans = json.loads(rundir.RunLayout(out).done_json("select").read_text())["plans"]
     assert plans["student_a"]["teacher_blocks"] == plans["student_b"]["teacher_blocks"]
 
 
 def test_rerun_in_same_directory_skips_finished_stages(dwskd_run: tuple[Path, dict]) -> None:
-    from dwskd.runs import RunDirError
+    from dwskd.rundir import RunDirError
 
     out, results = dwskd_run
     same = run_pipeline(compose_config("teacher.source=fit"), out)  # skipped: recorded results
@@ -283,7 +283,7 @@ def test_fine_tuning_competes_with_the_loaded_teacher_on_validation(
 
     from dwskd import pipeline
     from dwskd.models import create_model
-    from dwskd.runs import RunLayout
+    from dwskd.rundir import RunLayout
 
     measured = []
 

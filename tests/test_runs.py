@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dwskd import runs
+from dwskd import rundir
 from dwskd.io import atomic_write
 from dwskd.pipeline import run_pipeline
 from tests.conftest import REPO, TINY, compose_config
@@ -65,7 +65,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     whole, resumed = root / "whole", root / "resumed"
     first = subprocess.run(dwskd_command(whole), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    layout = runs.RunLayout(resumed)
+    layout = rundir.RunLayout(resumed)
     with (root / "killed.log").open("w") as log:
         proc = subprocess.Popen(dwskd_command(resumed), cwd=REPO, env=ENV, stdout=log, stderr=log)
         kill_in_second_epoch(proc, layout.metrics_csv("train"))
@@ -80,7 +80,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 
 def test_kill_and_resume_gives_the_uninterrupted_metrics(killed_and_resumed) -> None:
-    whole, resumed = (runs.read_results(d) for d in killed_and_resumed)
+    whole, resumed = (rundir.read_results(d) for d in killed_and_resumed)
     assert whole["models"].keys() == resumed["models"].keys()
     for name, entry in whole["models"].items():
         assert resumed["models"][name]["test"] == entry["test"], name
@@ -89,7 +89,7 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(killed_and_resumed) -> 
     assert [r["stage"] for r in stage_resumes] == ["train"]
     assert stage_resumes[0]["epoch"] >= 1
     assert whole["run"]["resumes"] == []
-    report = runs.RunLayout(killed_and_resumed[1]).report_md.read_text()
+    report = rundir.RunLayout(killed_and_resumed[1]).report_md.read_text()
     assert "stage train resumed at epoch" in report
 
 
@@ -97,18 +97,18 @@ def test_resumed_stage_keeps_its_earlier_csv_rows(killed_and_resumed) -> None:
     """The CSV rows written before the kill stay; the replayed epoch is logged once."""
     whole, resumed = killed_and_resumed
     before = list(csv.DictReader(io.StringIO((resumed.parent / "csv_before.txt").read_text())))
-    after_text = runs.RunLayout(resumed).metrics_csv("train").read_text()
+    after_text = rundir.RunLayout(resumed).metrics_csv("train").read_text()
     after = list(csv.DictReader(io.StringIO(after_text)))
     epoch0 = [row for row in before if row.get("epoch") == "0"]
     assert epoch0, "nothing of epoch 0 was on disk before the kill"
     assert all(row in after for row in epoch0), "rows logged before the kill were lost"
-    assert after_text == runs.RunLayout(whole).metrics_csv("train").read_text()
+    assert after_text == rundir.RunLayout(whole).metrics_csv("train").read_text()
 
 
 def test_finished_stages_keep_no_checkpoints(killed_and_resumed) -> None:
     for run_dir in killed_and_resumed:
         assert not list(run_dir.rglob("*.ckpt")), "Lightning checkpoints left after the run"
-        layout = runs.RunLayout(run_dir)
+        layout = rundir.RunLayout(run_dir)
         for model in ("student_a", "student_b"):
             assert layout.final_weights(model).is_file()
 
@@ -138,16 +138,16 @@ def test_finished_run_of_the_same_config_is_skipped_with_its_results(tmp_path: P
     first = run_pipeline(cfg, tmp_path)
     before = snapshot(tmp_path)
     again = run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path)
-    assert again == json.loads(runs.RunLayout(tmp_path).metrics_json.read_text())
+    assert again == json.loads(rundir.RunLayout(tmp_path).metrics_json.read_text())
     assert again["models"]["student_a"]["val"]["acc"] == first["models"]["student_a"]["val"]["acc"]
     assert snapshot(tmp_path) == before
 
 
 def test_second_run_into_a_held_dir_names_the_holder(tmp_path: Path) -> None:
-    lock = runs.RunLock(runs.RunLayout(tmp_path).lock_file)
+    lock = rundir.RunLock(rundir.RunLayout(tmp_path).lock_file)
     lock.acquire()
     try:
-        with pytest.raises(runs.RunDirError, match=f"pid {os.getpid()}"):
+        with pytest.raises(rundir.RunDirError, match=f"pid {os.getpid()}"):
             run_pipeline(compose_config("method=scratch"), tmp_path)
     finally:
         lock.release()
@@ -157,10 +157,10 @@ def test_second_run_into_a_held_dir_names_the_holder(tmp_path: Path) -> None:
 def test_resume_with_another_config_lists_the_changes(tmp_path: Path) -> None:
     cfg = compose_config("method=scratch", "eval.latency=false")
     run_pipeline(cfg, tmp_path)
-    runs.RunLayout(tmp_path).metrics_json.unlink()  # a run stopped just before its report
+    rundir.RunLayout(tmp_path).metrics_json.unlink()  # a run stopped just before its report
     before = snapshot(tmp_path)
     changed = compose_config("method=scratch", "eval.latency=false", "method.lr.train=0.5")
-    with pytest.raises(runs.RunDirError, match=r"method\.lr\.train: 0\.001 -> 0\.5") as err:
+    with pytest.raises(rundir.RunDirError, match=r"method\.lr\.train: 0\.001 -> 0\.5") as err:
         run_pipeline(changed, tmp_path)
     assert "resume.allow_config_changes=true" in str(err.value)
     assert snapshot(tmp_path) == before
@@ -177,7 +177,7 @@ def test_resume_with_another_config_lists_the_changes(tmp_path: Path) -> None:
 
 def test_logging_keys_may_change_on_resume(tmp_path: Path) -> None:
     run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path)
-    runs.RunLayout(tmp_path).metrics_json.unlink()
+    rundir.RunLayout(tmp_path).metrics_json.unlink()
     run_pipeline(
         compose_config(
             "method=scratch", "eval.latency=false", "logger=none", "trainer.log_every_n_steps=3"
@@ -189,7 +189,7 @@ def test_logging_keys_may_change_on_resume(tmp_path: Path) -> None:
 def test_old_layout_run_dir_is_refused_with_advice(tmp_path: Path) -> None:
     (tmp_path / "stages" / "train").mkdir(parents=True)
     (tmp_path / "stages" / "train" / "done.json").write_text("{}")
-    with pytest.raises(runs.RunDirError, match="older dwskd"):
+    with pytest.raises(rundir.RunDirError, match="older dwskd"):
         run_pipeline(compose_config("method=scratch"), tmp_path)
 
 
@@ -210,8 +210,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_fingerprint_ignores_logging_keys_only() -> None:
     base = {"seed": 1, "logger": {"csv": {"name": "logs"}}, "trainer": {"log_every_n_steps": 5}}
     same = {"seed": 1, "logger": None, "trainer": {"log_every_n_steps": 1}}
-    assert runs.fingerprint(base) == runs.fingerprint(same)
-    assert runs.fingerprint(base) != runs.fingerprint({**base, "seed": 2})
+    assert rundir.fingerprint(base) == rundir.fingerprint(same)
+    assert rundir.fingerprint(base) != rundir.fingerprint({**base, "seed": 2})
 
 
 @pytest.mark.slow

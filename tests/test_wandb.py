@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from dwskd import pipeline
+from dwskd.io import read_json
 from dwskd.loggers import summary_figures
 from dwskd.pipeline import run_pipeline
-from dwskd.runs import read_json
 from tests.conftest import CONFIG_DIR, TINY
 
 BLOCK, CHUNK_HEADER = 32768, 7  # LevelDB log: 32 KiB blocks; chunk = crc(4) len(2) type(1)
