@@ -93,7 +93,7 @@ def test_module_sums_and_logs_each_term_and_keeps_accuracy_out_of_the_losses() -
     loss = module.training_step((x, y), 0)
     out = objective(objectives.Models(module.students, module.ema), [x, x], y)
     assert all("acc" not in terms for terms in out.losses)
-    for name in ("a", "b"):
+    for name in ("student_a", "student_b"):
         keys = {k.split("/")[-1] for k in logged if k.startswith(f"train/{name}/")}
         assert keys == {"ce", "partner_kd", "ema_kd", "total", "acc"}
         terms = {k: logged[f"train/{name}/{k}"] for k in ("ce", "partner_kd", "ema_kd")}

@@ -78,7 +78,7 @@ def test_validation_metrics_of_the_final_weights_are_saved(dwskd_run: tuple[Path
 def test_dwskd_logs_every_loss_term_finite_per_student(dwskd_run: tuple[Path, dict]) -> None:
     out, _ = dwskd_run
     rows = read_metrics_csv(out / "logs" / "train" / "metrics.csv")
-    for student in ("a", "b"):
+    for student in ("student_a", "student_b"):
         for term in ("ce", "partner_kd", "ema_kd", "total"):
             values = logged_values(rows, f"train/{student}/{term}_step")
             assert values, f"train/{student}/{term} was not logged"

@@ -134,7 +134,7 @@ def test_one_wandb_run_continued_on_resume(wandb_run: tuple[Path, list[Recorded]
     first, resumed = recorded
     assert (first.exit_code, resumed.exit_code) == (1, 0), "the killed process marks it failed"
     # Every stage logged into the one run, under its prefix and on its own step axis.
-    for key in ("teacher/train/loss", "train/train/b/partner_kd_step", "finetune/val/acc"):
+    for key in ("teacher/train/loss", "train/train/student_b/partner_kd_step", "finetune/val/acc"):
         assert key in first.history_keys, sorted(first.history_keys)
     assert first.step_metrics["train/*"] == "train/global_step"
 
