@@ -113,7 +113,9 @@ def test_the_run_and_dwskd_eval_score_alike_with_intervals(trained, tmp_path: Pa
             assert ci["low"] <= saved[name]["test"][metric] <= ci["high"], (name, metric)
     deployed = saved["deployed"]
     own = saved[deployed]["test_details"]
-    results = evaluate(f"model_dir={run_dir}", f"data.root={data}", f"out={tmp_path / 'e'}", FAST[0])
+    results = evaluate(
+        f"model_dir={run_dir}", f"data.root={data}", f"out={tmp_path / 'e'}", FAST[0]
+    )
     assert results["bootstrap"] == own["bootstrap"]
     for metric, ci in own["intervals"].items():
         for key in ("value", "low", "high"):

@@ -166,6 +166,7 @@ def teacher_run_dir(runs: Path, scenario: str) -> Path:
     return runs / scenario / "synthetic" / "teacher" / "s1"
 
 
+@pytest.mark.slow  # the whole --quick sweep (about a minute on 2 cores): make test-full
 def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) -> None:
     runs, _, _ = quick_sweep
     for scenario in paper.SCENARIOS:
@@ -189,6 +190,7 @@ def test_quick_sweep_runs_every_job_with_the_shared_teacher(quick_sweep: tuple) 
     assert len(pretrained["val_curve"]["teacher"]) == 1  # one fine-tuning epoch, validated
 
 
+@pytest.mark.slow  # the whole --quick sweep (about a minute on 2 cores): make test-full
 def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:
     runs, results, _ = quick_sweep
     text = (results / "paper_quick_cpu32.md").read_text()
@@ -215,6 +217,7 @@ def test_quick_sweep_writes_table_csv_and_plot(quick_sweep: tuple) -> None:
     assert "Pretrained teacher" in text and "ws vs scratch:" in text
 
 
+@pytest.mark.slow  # the whole --quick sweep (about a minute on 2 cores): make test-full
 def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
     runs, _, argv = quick_sweep
     files = sorted(runs.glob("*/*/*/s1/metrics.json"))
@@ -223,6 +226,7 @@ def test_rerun_skips_finished_jobs(quick_sweep: tuple) -> None:
     assert [p.stat().st_mtime_ns for p in files] == before
 
 
+@pytest.mark.slow  # the whole --quick sweep (about a minute on 2 cores): make test-full
 def test_archived_metrics_continue_the_sweep_where_the_run_dirs_are_gone(
     quick_sweep: tuple, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -290,6 +294,7 @@ def study_argv(quick_sweep: tuple, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # the whole --quick sweep (about a minute on 2 cores): make test-full
 def test_teacher_study_plans_one_teacher_per_strength_and_shares_the_papers_jobs(
     quick_sweep: tuple, tmp_path: Path
 ) -> None:
