@@ -149,7 +149,7 @@ def make_split(
     seed: int,
     split: str,
     noise: float = 0.04,
-    contrast: float = 0.6,
+    contrast: float = 0.75,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images (n,size,size,1) uint8, labels (n,)): balanced classes in shuffled order.
 
@@ -167,12 +167,12 @@ class SyntheticDataModule(BaseDataModule):
     def __init__(
         self,
         name: str = "synthetic",
-        n_train: int = 1000,
+        n_train: int = 700,
         n_val: int = 250,
         n_test: int = 400,
         num_classes: int = 4,
         noise: float = 0.04,
-        contrast: float = 0.6,
+        contrast: float = 0.75,
         **options: Any,
     ) -> None:
         super().__init__(name=name, **options)
