@@ -8,33 +8,25 @@ and their ``--help`` stays instant.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-# public name -> module that defines it
+from dwskd.lazy import lazy_exports
+
+# public name -> (module, attribute), imported on first use
 _LAZY = {
-    "BaseDataModule": "dwskd.data.base",
-    "SplitData": "dwskd.data.base",
-    "DataError": "dwskd.data.checks",
-    "ImageFolderDataModule": "dwskd.data.folder",
-    "MedMNISTDataModule": "dwskd.data.medmnist",
-    "groups_from_regex": "dwskd.data.splits",
-    "stratified_split": "dwskd.data.splits",
-    "SyntheticDataModule": "dwskd.data.synthetic",
-    "UnionDataModule": "dwskd.data.union",
+    "BaseDataModule": ("dwskd.data.base", "BaseDataModule"),
+    "SplitData": ("dwskd.data.base", "SplitData"),
+    "DataError": ("dwskd.data.checks", "DataError"),
+    "ImageFolderDataModule": ("dwskd.data.folder", "ImageFolderDataModule"),
+    "MedMNISTDataModule": ("dwskd.data.medmnist", "MedMNISTDataModule"),
+    "groups_from_regex": ("dwskd.data.splits", "groups_from_regex"),
+    "stratified_split": ("dwskd.data.splits", "stratified_split"),
+    "SyntheticDataModule": ("dwskd.data.synthetic", "SyntheticDataModule"),
+    "UnionDataModule": ("dwskd.data.union", "UnionDataModule"),
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'dwskd.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:  # static analysers see the lazy names
