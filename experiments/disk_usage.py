@@ -2,7 +2,7 @@
 
     python -m experiments.disk_usage outputs/synthetic/dwskd/<time>     # one run
     python -m experiments.disk_usage experiments/runs/paper              # a whole sweep
-    python -m experiments.disk_usage --default                           # run the default, measure it
+    python -m experiments.disk_usage --default     # run the default; its peak and final size
 
 Sizes are bytes of regular files (MiB = 2^20 bytes), each hard-linked file once, as
 ``du -s --apparent-size``.
@@ -11,9 +11,11 @@ Sizes are bytes of regular files (MiB = 2^20 bytes), each hard-linked file once,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,12 +70,21 @@ def describe(root: Path) -> list[str]:
     return lines
 
 
-def run_default(out: Path) -> Path:
-    """``python -m dwskd.run`` with no options (the README's default run) into ``out``."""
+def run_default(out: Path, every: float = 0.5) -> int:
+    """``python -m dwskd.run`` with no options (the README's default run) into ``out``; returns
+    the largest size its run dir had while it ran (checkpoints live only during their stage),
+    sampled every ``every`` seconds."""
     env = dict(__import__("os").environ, **OFFLINE_ENV)
     cmd = [sys.executable, "-m", "dwskd.run", f"hydra.run.dir={out}"]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
-    return out
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    peak = 0
+    while proc.poll() is None:
+        time.sleep(every)
+        with contextlib.suppress(FileNotFoundError):  # a file renamed or removed mid-scan
+            peak = max(peak, sum(usage(out).values()) if out.exists() else 0)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return max(peak, sum(usage(out).values()))
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -82,11 +93,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--default", action="store_true", help="run the default run first")
     args = parser.parse_args(argv)
     paths = list(args.paths)
+    lines = []
     if args.default:
-        paths.append(run_default(Path(tempfile.mkdtemp(prefix="dwskd-default-")) / "run"))
+        out = Path(tempfile.mkdtemp(prefix="dwskd-default-")) / "run"
+        peak = run_default(out)
+        lines.append(f"default run: peak {peak / MIB:.1f} MiB while it ran (checkpoints included)")
+        paths.append(out)
     if not paths:
         parser.error("give run dirs or sweep roots, or --default")
-    lines = [line for path in paths for line in describe(path)]
+    lines += [line for path in paths for line in describe(path)]
     print("\n".join(lines))
     return lines
 
