@@ -632,7 +632,8 @@ def run_stages(ctx: Context, command: str) -> dict[str, Any]:
     csvs = {s: layout.metrics_csv(s) for s in rundir.STAGES if layout.metrics_csv(s).is_file()}
     dm = ctx.datamodule
     files = dm.split("test").names
-    paths = write_run_report(layout, results, predictions, csvs, files, dm.positive_index)
+    plots = bool(ctx.cfg.eval.get("plots", True))
+    paths = write_run_report(layout, results, predictions, csvs, files, dm.positive_index, plots)
     images = {k: p for k, p in paths.items() if p.suffix == ".png"}
     ctx.lightning.loggers.log_results(layout, results, images)
     return results

@@ -416,19 +416,38 @@ def write_run_report(
     stage_csvs: Mapping[str, Path],
     files: Sequence[str] | None = None,
     positive: int = 1,
+    plots: bool = True,
 ) -> dict[str, Path]:
     """Write per-image predictions and plots, then report.md, then metrics.json (the file
     that marks a run finished): a crash before the end leaves a resumable run, never a
     half-reported one. ``files`` names the test images in prediction order; ``positive``
-    is the positive class of a binary ROC when the test metrics name none.
+    is the positive class of a binary ROC when the test metrics name none; ``plots=False``
+    (``eval.plots=false``) leaves ``plots/`` out, the slowest part of a small run's report.
     """
-    plots, models = layout.plots_dir, results.get("models", {})
+    models = results.get("models", {})
     paths: dict[str, Path] = {}
     for name, (probs, targets) in predictions.items() if files is not None else ():
         class_names = _class_names_for(models.get(name, {}), np.shape(probs)[1])
         paths[f"predictions_{name}"] = write_predictions_csv(
             layout.predictions_csv(name), files, probs, targets, class_names
         )
+    if plots:
+        paths.update(write_run_plots(layout, results, predictions, stage_csvs, positive))
+    paths["report_md"] = write_report_md(layout, results)
+    paths["metrics_json"] = write_metrics_json(layout, results)
+    return paths
+
+
+def write_run_plots(
+    layout: RunLayout,
+    results: dict,
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    stage_csvs: Mapping[str, Path],
+    positive: int,
+) -> dict[str, Path]:
+    """Each model's score plots (confusion matrix, ROC, reliability) and each stage's curves."""
+    plots, models = layout.plots_dir, results.get("models", {})
+    paths: dict[str, Path] = {}
     for name, entry in models.items():
         shape = np.shape(predictions[name][0])[1] if name in predictions else None
         size = shape or len(entry.get("test", {}).get("confmat") or []) or 2
@@ -446,8 +465,6 @@ def write_run_report(
         png = plot_learning_curves(csv_path, plots / f"learning_curves_{stage}.png", stage)
         if png is not None:
             paths[f"learning_curves_{stage}"] = png
-    paths["report_md"] = write_report_md(layout, results)
-    paths["metrics_json"] = write_metrics_json(layout, results)
     return paths
 
 

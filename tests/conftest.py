@@ -34,6 +34,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "eval.latency_seconds=0.05",
+    "eval.plots=false",  # plots take most of a tiny run's report; tests that check them turn them on
 ]
 
 

@@ -27,7 +27,7 @@ def logged_values(rows: list[dict[str, str]], key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def dwskd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dwskd")
-    return out, run_pipeline(compose_config("teacher.source=fit"), out)
+    return out, run_pipeline(compose_config("teacher.source=fit", "eval.plots=true"), out)
 
 
 def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, dict]) -> None:
@@ -45,7 +45,8 @@ def test_dwskd_runs_every_stage_and_reports_all_models(dwskd_run: tuple[Path, di
     assert saved["deployed"] in ("student_a", "student_b")
     assert (out / "report.md").read_text().count("student_a") >= 1
     plots = {p.name for p in (out / "plots").glob("*.png")}
-    expected = {"confmat_student_a.png", "roc_teacher.png", "learning_curves_train.png"}
+    expected = {"confmat_student_a.png", "roc_teacher.png", "reliability_ensemble.png"}
+    expected |= {"learning_curves_train.png"}
     assert expected | {"learning_curves_teacher.png", "learning_curves_finetune.png"} <= plots
     # Lean: each stage's best weights are exported and its Lightning checkpoints deleted.
     assert not list(out.rglob("*.ckpt"))
@@ -329,3 +330,11 @@ def test_teacher_file_keeps_or_reinitialises_head(head: str, tmp_path: Path) -> 
     same_head = torch.equal(teacher.head.weight, source.head.weight)
     assert same_body
     assert same_head == (head == "auto")
+
+
+def test_plots_can_be_left_out(tmp_path: Path) -> None:
+    """eval.plots=false (the tests' default): no plots/, and report.md links none."""
+    results = run_pipeline(compose_config("method=scratch", "eval.latency=false"), tmp_path)
+    assert results["deployed"] == "student_a"
+    assert not list(tmp_path.glob("plots/*.png"))
+    assert "(plots/" not in (tmp_path / "report.md").read_text()
