@@ -62,6 +62,7 @@ IGNORED_KEYS = (
     "paths.output_root",
     "eval.bootstrap",  # only the report's intervals and calibration bins: the test stage
     "eval.calibration_bins",  # recomputes them on every resume
+    "eval.plots",
 )
 
 

@@ -37,6 +37,7 @@ def test_each_device_has_its_defaults_and_its_own_results_file() -> None:
     assert bench.default_out(smoke, smoke=True).name == "bench_gpu32_smoke.md"
 
 
+@pytest.mark.slow  # torch.compile of the bench: make test-full
 def test_compile_section_compares_compiled_and_eager_steps(
     monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:

@@ -63,7 +63,15 @@ def test_slurm_launcher_and_sweep_presets_compose() -> None:
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize("data", ["chest_xray", "lung_ct", "brain_mri", "pneumoniamnist"])
+@pytest.mark.parametrize(
+    "data",
+    [  # one real-data smoke run in make test; every dataset loads in tests/test_data.py
+        pytest.param("chest_xray", marks=pytest.mark.slow),
+        pytest.param("lung_ct", marks=pytest.mark.slow),
+        "brain_mri",
+        pytest.param("pneumoniamnist", marks=pytest.mark.slow),
+    ],
+)
 def test_smoke_run_on_real_dataset(data: str, real_data_dir: Path, tmp_path: Path) -> None:
     cfg = compose_config(
         f"data={data}",

@@ -70,6 +70,7 @@ def test_the_command_line_still_reads_model(module: str, other: str, tmp_path: P
     assert done.stderr.count("\n") == 1 and "model= is deprecated" in done.stderr
 
 
+@pytest.mark.slow  # a second CLI end-to-end; the rewrite itself is unit-tested above
 def test_predict_with_the_old_key_end_to_end(folder: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "preds.csv"
     done = run_module("dwskd.predict", f"model={folder}", f"input={images}", f"out={out}")

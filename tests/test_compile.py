@@ -88,6 +88,7 @@ def test_compiled_module_trains_and_checkpoints_plain_keys(
     assert {k.removeprefix("students.0.") for k in state if k.startswith("students.0.")} == keys
 
 
+@pytest.mark.slow  # a whole compiled pipeline: make test-full
 def test_model_compile_pipeline_exports_plain_keys(
     compiled: CompileCalls, tmp_path: Path, one_thread: None
 ) -> None:

@@ -260,10 +260,11 @@ def test_label_free_skd_without_two_views_is_rejected(tmp_path: Path) -> None:
         run_pipeline(compose_config("method.distill.labels=false"), tmp_path)
 
 
+@pytest.mark.slow  # tests/test_wandb.py checks the W&B run in depth
 def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = compose_config("method=scratch", "logger=wandb", "eval.latency=false")
+    cfg = compose_config("method=scratch", "logger=wandb", "eval.latency=false", "eval.plots=true")
     run_pipeline(cfg, tmp_path / "run")
     runs = list((tmp_path / "run").rglob("offline-run-*"))
     assert len(runs) == 1, "expected one W&B run for the whole dwskd run (tests/test_wandb.py)"
@@ -271,6 +272,7 @@ def test_wandb_offline_logger_records_each_stage(tmp_path: Path, monkeypatch) ->
     assert any("confmat_student_a" in p.name for p in media), media
 
 
+@pytest.mark.slow  # two more pipelines: make test-full
 @pytest.mark.parametrize("loaded_score", [1.01, -1.0])
 def test_fine_tuning_competes_with_the_loaded_teacher_on_validation(
     loaded_score: float, tmp_path: Path, monkeypatch

@@ -109,7 +109,9 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Reco
         for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
             mp.setenv(var, str(tmp / var.lower()))
         mp.setenv("WANDB_MODE", "offline")
-        cfg = compose_under_hydra("logger=wandb", "method.distill.temperature=3.0")
+        cfg = compose_under_hydra(
+            "logger=wandb", "method.distill.temperature=3.0", "eval.plots=true"
+        )
         try:
             with mp.context() as crash:
                 crash.setattr(pipeline, "test_stage", _crash)
