@@ -221,6 +221,11 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[
 
     Uses timm's own helpers (``adapt_input_conv``, the family's ``checkpoint_filter_fn``).
     Returns the adapted dict and whether the classifier head had to be dropped.
+
+    Why not timm's ``load_pretrained`` (``pretrained_cfg_overlay=dict(file=...)``): it drops
+    the head by comparing with the *registry's* ``num_classes`` (1000), not with the file's
+    shapes, so a teacher file trained on our 4 classes would lose its matching head; and it
+    cannot read a dwskd ``.ckpt`` (``students.0.`` keys) or name what does not fit.
     """
     from timm.models import adapt_input_conv
 
