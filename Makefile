@@ -40,7 +40,7 @@ run: ## the default run: synthetic data, dual-model SKD, offline (ARGS="key=valu
 	$(PY) -m dwskd.run $(ARGS)
 
 select: ## weight selection CLI (ARGS="teacher.source=file teacher.file=... out=student.safetensors")
-	$(PY) -m dwskd.select $(ARGS)
+	$(PY) -m dwskd.select_student $(ARGS)
 
 paper: ## the full table: 4 tasks x 3 teacher scenarios x 6 methods x 3 seeds (many hours on 2 cores; resumes)
 	$(PY) -m experiments.paper $(ARGS)

@@ -346,7 +346,9 @@ def test_only_dwskd_refusals_count_as_user_errors() -> None:
 
 # ------------------------------------------------------------------- 9. --help without torch
 def test_commands_import_without_torch() -> None:
-    modules = "dwskd.predict, dwskd.evaluate, dwskd.select, dwskd.export, dwskd.run"
+    modules = (
+        "dwskd.predict, dwskd.evaluate, dwskd.select_student, dwskd.select, dwskd.export, dwskd.run"
+    )
     code = (
         f"import sys, {modules}; print(sorted({{'torch', 'timm', 'lightning'}} & set(sys.modules)))"
     )

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SCRIPTS = {  # console script -> module
     "dwskd": "dwskd.run",
-    "dwskd-select": "dwskd.select",
+    "dwskd-select": "dwskd.select_student",
     "dwskd-predict": "dwskd.predict",
     "dwskd-eval": "dwskd.evaluate",
     "dwskd-export": "dwskd.export",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from dwskd.models import create_model
-from dwskd.select import run
+from dwskd.select_student import run
 from dwskd.selection import (
     SelectionError,
     SelectionRecipe,
