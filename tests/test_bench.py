@@ -55,3 +55,15 @@ def test_compile_section_compares_compiled_and_eager_steps(
     ]
     ((ratio, value),) = section.ratios
     assert ratio == "compiled / eager step (one student)" and value > 0
+
+
+def test_sweep_throughput_table_compares_the_two_launches() -> None:
+    from experiments.sweep_throughput import markdown, sides
+
+    one, two = sides(2)
+    assert one.overrides == () and two.threads == 1
+    assert two.overrides == ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    text = markdown([(one, 600.0, 10), (two, 400.0, 10)], "python -m experiments.sweep_throughput")
+    assert "| 10 | 10.0 min | 60.0 | 1.00x |" in text
+    assert "| 10 | 6.7 min | 90.0 | 1.50x |" in text
+    assert f"Faster here: **{two.label}**" in text
