@@ -130,7 +130,7 @@ def test_optuna_search_composes_over_the_skd_knobs_on_validation() -> None:
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_reads_back_the_validation_metric(tmp_path: Path) -> None:
     sweep = [f"hydra.sweep.dir={tmp_path}/multirun", "hydra.sweeper.n_trials=2",
-             "hydra.sweeper.sampler.n_startup_trials=2", "method=scratch"]  # fmt: skip
+             "hydra.sweeper.sampler.n_startup_trials=2", "method=dwskd"]  # fmt: skip
     cmd = [sys.executable, "-m", "dwskd.run", "-m", "hparams_search=dwskd_optuna", *sweep, *TINY]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
