@@ -42,8 +42,12 @@ def ema_of(student: nn.Module) -> ModelEmaV3:
     EMA teacher should; the momentum is set before each update (it follows dwskd's schedule,
     :func:`dwskd.distill.ema_momentum`, not timm's warm-up).
     """
-    ema = ModelEmaV3(student, exclude_buffers=True)
+    ema = ModelEmaV3(student, exclude_buffers=True, stochastic_rounding=False)
     ema.module.requires_grad_(False)
+    # Its RNG serves bfloat16 stochastic rounding only (off: a plain lerp, as dwskd always did).
+    # Dropped so that ddp_spawn can pickle the module: two Generators' temporary states in one
+    # pickle can reuse one shared-memory fd ("bad value(s) in fds_to_keep").
+    ema._sr_generator = None
     return ema
 
 
