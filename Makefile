@@ -25,8 +25,8 @@ install: $(PY) ## create .venv and install dwskd (editable) with its dev, medmni
 test: ## fast test suite (excludes @slow: DDP, submitit, joblib, Optuna, whole sweeps; about 3 min on 2 idle cores)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile
 
-test-full: ## every test, including slow ones
-	$(PY) -m pytest -q
+test-full: ## every test, including slow ones (two one-thread workers, as make test)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: ## ruff lint + format check
 	$(PY) -m ruff check dwskd tests experiments
