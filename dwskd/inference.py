@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -213,13 +214,17 @@ def run_model(
         raise InferenceError(f"batch_size={batch_size} must be at least 1.")
     model, target = loaded.model.eval(), pick_device(device)
     model.to(target)
-    # Worker processes pay off beyond one batch; a handful of files is decoded in place.
-    workers = min(4, os.cpu_count() or 1) if len(paths) > int(batch_size) else 0
+    # Worker processes pay off beyond one batch; a handful of files is decoded in place. They
+    # are forked: inside a joblib (loky) sweep worker the default start method is not fork, and
+    # starting workers there failed ("'Process' object has no attribute 'env'").
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    workers = min(4, os.cpu_count() or 1) if fork and len(paths) > int(batch_size) else 0
     batches = DataLoader(
         ImageFiles(paths, loaded.preprocessing),
         batch_size=int(batch_size),
         num_workers=workers,
         collate_fn=list,
+        multiprocessing_context="fork" if workers else None,
     )
     probs, index, skipped = [], [], []
     with progress_bar(len(paths), progress) as advance, torch.no_grad():

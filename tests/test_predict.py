@@ -13,7 +13,7 @@ from PIL import Image
 from dwskd.commands import compose_command
 from dwskd.data.checks import DataError
 from dwskd.data.synthetic import CLASS_NAMES, make_split
-from dwskd.inference import InferenceError, csv_inputs, image_files
+from dwskd.inference import InferenceError, csv_inputs, image_files, predict_files
 from dwskd.model_folder import ExportError, label_names, read_config
 from dwskd.pipeline import run_pipeline
 from dwskd.predict import run
@@ -195,3 +195,24 @@ def test_command_line_predicts_and_help_exits_0(trained, tmp_path: Path) -> None
         "Usage: python -m dwskd.predict model_dir=" in helped.stdout
         and "bad_images" in helped.stdout
     )
+
+
+def _predict_in_worker(run_dir: str, folder: str) -> tuple[int, float]:
+    from dwskd.inference import predict_files as predict_here
+
+    p = predict_here(run_dir, folder, batch_size=4)
+    return len(p.files), float(p.probs.sum())
+
+
+def test_decoding_workers_start_inside_a_joblib_worker(trained) -> None:
+    """hydra/launcher=joblib runs each job in a loky worker, whose start method is not fork:
+    the decoding workers failed to start there ("'Process' object has no attribute 'env'");
+    they are forked now and give the in-process result."""
+    joblib = pytest.importorskip("joblib")
+    data, run_dir = trained
+    jobs = [joblib.delayed(_predict_in_worker)(str(run_dir), str(data / "test"))] * 2
+    results = joblib.Parallel(n_jobs=2, backend="loky")(jobs)
+    here = predict_files(run_dir, data / "test", batch_size=4)
+    for count, total in results:
+        assert count == len(here.files) == 32
+        assert total == pytest.approx(float(here.probs.sum()), abs=1e-4)
