@@ -62,8 +62,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, cwd: Path = REPO, **extra_env: str
+) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` offline, as a user runs a command; output captured."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1")
+    env.update(extra_env)
     cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

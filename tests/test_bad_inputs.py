@@ -297,14 +297,7 @@ def test_user_errors_print_their_message_alone(run_dir: Path, tmp_path: Path) ->
         f"model_dir={run} is a finished run whose exports/ folder is missing"
     )
     assert done.stderr.count("\n") == 1  # the message, one line, and nothing else
-    env = dict(os.environ, HYDRA_FULL_ERROR="1", HF_HUB_OFFLINE="1")
-    full = subprocess.run(
-        [sys.executable, "-m", "dwskd.predict", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    full = run_module("dwskd.predict", *args, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr and "ExportError" in full.stderr
 
 

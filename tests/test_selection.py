@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from dwskd.selection import (
     read_selection_plan,
     select_state_dict,
 )
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 EVEN, ODD = torch.arange(0, 384, 2), torch.arange(1, 384, 2)
@@ -345,15 +343,7 @@ def test_cli_writes_strictly_loadable_student_and_refuses_overwrite(tmp_path):
     assert read_selection_plan(out) == as_json == json.loads(Path(f"{out}.plan.json").read_text())
 
     before = out.read_bytes()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "dwskd.select", *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("dwskd.select", *overrides, cwd=tmp_path, PYTHONPATH=str(ROOT))
     assert proc.returncode != 0 and "refusing to overwrite" in proc.stderr + proc.stdout
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
