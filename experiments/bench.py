@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dwskd.distill import DistillOptions
-from dwskd.io import now_iso
+from dwskd.io import now_iso, write_text
 from dwskd.loggers import RunNames
 from dwskd.machine import machine_info
 from dwskd.models import create_model, measure_latency
@@ -57,6 +57,7 @@ from experiments.common import (
     RESULTS_DIR,
     invocation,
     machine_lines,
+    owned_sections,
     set_offline_env,
 )
 
@@ -516,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     text = markdown(sections, settings, command, time.perf_counter() - start)
     out = args.out or default_out(settings, args.smoke)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    # Sections other scripts own (the sweep throughput) stay.
+    write_text(out, "\n".join([text, *owned_sections(out)]))
     print(text)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dwskd import CONFIG_DIR
+from dwskd.io import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "experiments" / "results"
@@ -81,3 +83,29 @@ def show_progress(logger: logging.Logger) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+# A section another script owns inside a results file (bench.md holds the sweep throughput).
+_SECTION = re.compile(r"<!-- section: (?P<name>[\w-]+) -->\n.*?<!-- end: (?P=name) -->\n", re.S)
+
+
+def owned_sections(path: Path) -> list[str]:
+    """The marked sections of ``path`` (empty when it does not exist), kept by its writer."""
+    text = path.read_text() if path.is_file() else ""
+    return [match.group(0) for match in _SECTION.finditer(text)]
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` into ``path`` as the section ``name``, replacing the previous one.
+
+    Why: two scripts write ``bench.md`` (the step timings, the sweep throughput); each
+    replaces only its own part, so re-running one never deletes the other's figures.
+    """
+    sections = owned_sections(path)
+    text = path.read_text() if path.is_file() else ""
+    for section in sections:
+        text = text.replace(section, "")
+    others = [s for s in sections if not s.startswith(f"<!-- section: {name} -->")]
+    block = f"<!-- section: {name} -->\n{body.strip()}\n<!-- end: {name} -->\n"
+    head = text.rstrip() + "\n\n" if text.strip() else ""
+    write_text(path, head + "\n".join([*others, block]))

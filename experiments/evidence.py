@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in values if args.study == "robustness" and v not in ROBUSTNESS_LEVERS]
     if unknown:
         raise SystemExit(f"--values {unknown}: the robustness levers are {list(ROBUSTNESS_LEVERS)}")
-    launch, overrides = split_launch(args.overrides, args.in_process)
+    launch, overrides = split_launch(args.overrides, args.in_process, args.device)
     if overrides:
         raise SystemExit(
             f"{overrides}: only hydra/launcher=... and hydra.launcher.* are taken here."

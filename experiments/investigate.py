@@ -260,7 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    launch, overrides = split_launch(args.overrides, args.in_process)
+    launch, overrides = split_launch(args.overrides, args.in_process, args.device)
     check_overrides(overrides)
     budget = QUICK if args.quick else FULL
     if args.img_size:

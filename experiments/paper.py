@@ -525,7 +525,7 @@ def check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    launch, overrides = split_launch(args.overrides, args.in_process)
+    launch, overrides = split_launch(args.overrides, args.in_process, args.device)
     check_overrides(overrides)
     quick, budget = args.quick, budget_from_args(args)
     name = args.name or sweep_name(quick, args.device, budget.img_size)

@@ -1,7 +1,7 @@
 """Sweep throughput on this machine: ``make paper-quick``'s jobs as 1 process x all threads
 against N processes x 1 thread (Hydra's joblib launcher), one after the other.
 
-    python -m experiments.sweep_throughput                 # writes results/sweep_throughput.md
+    python -m experiments.sweep_throughput                 # its section of results/bench.md
     python -m experiments.sweep_throughput --processes 2   # the joblib side's n_jobs
 
 Why: a CPU sweep is many small jobs; on few cores, running two of them side by side with one
@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dwskd.io import now_iso, write_text
+from dwskd.io import now_iso
 from dwskd.machine import git_commit, machine_info
-from experiments.common import OFFLINE_ENV, REPO, RESULTS_DIR, machine_lines
+from experiments.common import OFFLINE_ENV, REPO, RESULTS_DIR, machine_lines, write_section
+
+SECTION = "sweep-throughput"  # its part of bench.md (experiments.bench keeps it)
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def markdown(results: list[tuple[Side, float, int]], command: str) -> str:
         "unknown" if code is None else code["commit"][:10] + (" (dirty)" if code["dirty"] else "")
     )
     lines = [
-        "# Sweep throughput: `make paper-quick`'s jobs, two ways",
+        "## Sweep throughput: `make paper-quick`'s jobs, two ways",
         "",
         f"- command: `{command}` (from the repository root, on an otherwise idle machine)",
         f"- date: {now_iso()}; code: {version}",
@@ -85,7 +87,7 @@ def markdown(results: list[tuple[Side, float, int]], command: str) -> str:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2, help="joblib's n_jobs")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "sweep_throughput.md")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench.md")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="dwskd-throughput-"))
     results = []
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"{side.label}: {jobs} jobs in {seconds:.0f} s", flush=True)
         results.append((side, seconds, jobs))
     command = " ".join(["python -m experiments.sweep_throughput", *(argv or sys.argv[1:])])
-    write_text(args.out, markdown(results, command))
+    write_section(args.out, SECTION, markdown(results, command))
     print(f"wrote {args.out}; run dirs in {root} (delete them when done)")
     return args.out
 

@@ -343,7 +343,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def study_from_args(args: argparse.Namespace) -> Study:
-    launch, overrides = split_launch(args.overrides, args.in_process)
+    launch, overrides = split_launch(args.overrides, args.in_process, args.device)
     paper.check_overrides(overrides)
     budget = paper.QUICK if args.quick else paper.FULL
     if args.img_size:

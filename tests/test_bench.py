@@ -67,3 +67,23 @@ def test_sweep_throughput_table_compares_the_two_launches() -> None:
     assert "| 10 | 10.0 min | 60.0 | 1.00x |" in text
     assert "| 10 | 6.7 min | 90.0 | 1.50x |" in text
     assert f"Faster here: **{two.label}**" in text
+
+
+def test_a_results_file_section_is_replaced_and_the_rest_kept(tmp_path) -> None:
+    """bench.md has two writers: each replaces only its own marked section."""
+    from experiments.common import owned_sections, write_section
+
+    path = tmp_path / "bench.md"
+    write_section(path, "sweep-throughput", "## Sweep throughput\nold figures")
+    assert path.read_text().startswith("<!-- section: sweep-throughput -->\n## Sweep")
+    path.write_text("# bench\n\nstep timings\n\n" + "".join(owned_sections(path)))
+    write_section(path, "other", "## Other\nkept")
+    write_section(path, "sweep-throughput", "## Sweep throughput\nnew figures")
+    text = path.read_text()
+    assert text.startswith("# bench\n\nstep timings\n")
+    assert "new figures" in text and "old figures" not in text
+    assert text.count("<!-- section: sweep-throughput -->") == 1 and "## Other\nkept" in text
+    assert [s.splitlines()[0] for s in owned_sections(path)] == [
+        "<!-- section: other -->",
+        "<!-- section: sweep-throughput -->",
+    ]

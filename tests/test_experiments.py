@@ -532,8 +532,13 @@ def test_aggregate_without_runs_says_where_it_looked(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- bench
 @pytest.mark.slow
 def test_bench_smoke_measures_every_ratio(tmp_path: Path) -> None:
+    from experiments.common import write_section
+
+    write_section(tmp_path / "bench.md", "sweep-throughput", "## Sweep throughput\n| 1 |")
     out = bench.main(["--smoke", "--out", str(tmp_path / "bench.md")])
     text = out.read_text()
+    assert text.startswith("# dwskd benchmark")  # rewritten ...
+    assert text.count("## Sweep throughput\n| 1 |") == 1  # ... keeping the other script's part
     for ratio in (
         "framework / plain loop",
         "dual-model SKD / single student",
@@ -571,6 +576,63 @@ def test_paper_fans_out_on_hydras_joblib_launcher_and_a_second_call_skips_it(
     assert paper.main(argv) == 0
     again = {m: (runs / m / "s1" / "metrics.json").stat().st_mtime_ns for m in finished}
     assert again == finished  # nothing ran again
+
+
+@pytest.mark.parametrize(
+    ("overrides", "in_process", "device", "launcher", "launch_overrides", "threads"),
+    [
+        ([], False, "cpu", "joblib", ("hydra.launcher.n_jobs=2",), 2),  # the measured default
+        ([], True, "cpu", "basic", (), None),  # --in-process: the basic launcher only
+        ([], False, "gpu", "basic", (), None),  # one job uses the whole GPU
+        (["hydra/launcher=basic"], False, "cpu", "basic", (), None),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"], False, "cpu", "joblib",
+         ("hydra.launcher.n_jobs=4",), 1),
+        (["hydra/launcher=joblib"], False, "cpu", "joblib", (), 1),  # plugin default: a core each
+    ],
+)  # fmt: skip
+def test_cpu_sweeps_default_to_two_joblib_processes_that_share_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+    overrides,
+    in_process,
+    device,
+    launcher,
+    launch_overrides,
+    threads,
+) -> None:
+    from experiments import launch
+
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)
+    chosen, rest = launch.split_launch([*overrides, "seed=3"], in_process, device)
+    assert (chosen.launcher, chosen.overrides, chosen.threads) == (
+        launcher, launch_overrides, threads
+    )  # fmt: skip
+    assert rest == ["seed=3"]  # the jobs' own overrides
+
+
+@pytest.mark.parametrize("user_threads", [None, "3"])
+def test_a_joblib_phase_gets_its_thread_share_unless_the_user_set_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_threads: str | None
+) -> None:
+    import subprocess
+
+    from experiments import launch
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(cmd=cmd, threads=env.get("OMP_NUM_THREADS"))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    if user_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_threads)
+    job = paper.Job("in_domain", "synthetic", "scratch", 1, tmp_path / "r", ("seed=1",))
+    chosen = launch.Launch("joblib", ("hydra.launcher.n_jobs=2",), threads=2)
+    launch.launch_phase([job], tmp_path, chosen, "students")
+    assert seen["threads"] == (user_threads or "2")
+    assert "hydra/launcher=joblib" in seen["cmd"] and "hydra.launcher.n_jobs=2" in seen["cmd"]
 
 
 def yaml_of(path: Path) -> dict:
