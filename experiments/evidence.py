@@ -32,7 +32,7 @@ import csv
 import logging
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -243,6 +243,7 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
             if not keep or row.model != "deployed" or row.seed not in settings.seeds:
                 continue
             ext = outside.get((row.dataset, row.method, row.seed))
+            path = path_of[row.dataset, row.method, row.seed]
             lines.append({
                 "study": study, "variant": variant.label, "x": variant.x,
                 "dataset": row.dataset, "method": row.method, "seed": row.seed,
@@ -250,9 +251,8 @@ def collect(study: str, plan: Sequence[tuple[Variant, paper.Settings]]) -> list[
                 "params": row.values["params"], "latency_ms": row.values["latency_ms"],
                 "external_set": ext.set_name if ext else "",
                 "external_auroc": ext.values["auroc"] if ext else None,
-                "by_source": source_accuracies(path_of[row.dataset, row.method, row.seed],
-                                               row.deployed),
-                "curve": row.curve,
+                "by_source": source_accuracies(path, row.deployed),
+                "curve": row.curve, "path": path,
             })  # fmt: skip
     return lines
 
@@ -296,7 +296,15 @@ def summarise(lines: Sequence[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (r["dataset"], str(r["variant"]), order[r["method"]]))
 
 
-def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Sequence[str]) -> str:
+def markdown(
+    study: str,
+    records: Sequence[dict],
+    plan,
+    command: str,
+    plots: Sequence[str],
+    versions: dict[str, dict[str, int]],
+) -> str:
+    """``versions``: per variant label, the code versions of its runs (aggregate.code_versions)."""
     lines = [
         f"# Study: {study} (pretrained scenario; {', '.join(methods_of(records))})",
         "",
@@ -304,6 +312,9 @@ def markdown(study: str, records: Sequence[dict], plan, command: str, plots: Seq
         *(f"- variant {v.label}: sweep `{s.name}`, student epochs {v.budget.student_epochs} "
           f"(fine-tune {v.budget.finetune_epochs}), teacher adaptation {v.budget.transfer_epochs}, "
           f"overrides `{' '.join(v.extra) or 'none'}`" for v, s in plan),
+        *aggregate.code_lines(sum((Counter(c) for c in versions.values()), Counter())),
+        *(f"  - variant {label}: " + ", ".join(f"`{k}` ({n} runs)" for k, n in sorted(c.items()))
+          for label, c in versions.items()),
         "",
         "Deployed model per run; mean ± std over seeds (n); gain = accuracy minus scratch's on "
         "the same seed, in points. External AUROC: the run's own external set (none for "
@@ -404,10 +415,14 @@ def write_results(study: str, plan, results_dir: Path, command: str) -> list[Pat
         plots.append(results_dir / f"{study}_curves.png")
         curves_figure(lines, plan[-1][0].label).savefig(plots[1], dpi=110)
     md = results_dir / f"{study}.md"
-    md.write_text(markdown(study, records, plan, command, [p.name for p in plots]))
+    versions = {
+        v.label: aggregate.code_versions([r["path"] for r in lines if r["variant"] == v.label])
+        for v, _ in plan
+    }
+    md.write_text(markdown(study, records, plan, command, [p.name for p in plots], versions))
     table = results_dir / f"{study}.csv"
     with table.open("w", newline="") as stream:
-        fields = [k for k in lines[0] if k != "curve"]
+        fields = [k for k in lines[0] if k not in ("curve", "path")]
         writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for line in lines:

@@ -159,6 +159,8 @@ def test_study_results_table_and_plot_from_runs(tmp_path: Path) -> None:
     text = paths[0].read_text()
     assert "| brain | f20 | ws | 2 | – | 75.0 ± 7.1 | 25.0 ± 7.1 | – |" in text
     assert "| brain | f100 | scratch | 2 | – | 50.0 ± 0.0 | – | 0.600 ± 0.000 |" in text
+    assert "- code: every run at commit `unknown` (8 runs)" in text  # these runs record none
+    assert "  - variant f20: `unknown` (4 runs)" in text
     assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000
 
 
