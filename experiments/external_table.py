@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dwskd.rundir import read_results
 from experiments.aggregate import SCENARIO_TITLES, mean_std, plain
-from experiments.common import METHODS
+from experiments.common import METHODS, TEACHER_FREE
 
 METRICS = ("auroc", "balanced_acc", "sensitivity", "specificity", "ece")
 COUNTS = ("false_pos", "negatives", "false_neg", "positives")
@@ -101,7 +101,8 @@ def summarise(rows: Sequence[ExternalRow]) -> list[dict]:
             record[f"{name}_mean"], record[f"{name}_std"], _ = mean_std(
                 r.values.get(name) for r in members
             )
-        record["auroc_intervals"] = [r.intervals.get("auroc") for r in members]
+        for name in ("auroc", "balanced_acc"):
+            record[f"{name}_intervals"] = [r.intervals.get(name) for r in members]
         records.append(record)
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(
@@ -113,8 +114,15 @@ def summarise(rows: Sequence[ExternalRow]) -> list[dict]:
     )
 
 
-def _interval_cell(intervals: Sequence[tuple[float, float] | None]) -> str:
-    return "; ".join(f"[{lo:.2f}, {hi:.2f}]" for lo, hi in filter(None, intervals)) or "–"
+def _interval_cell(intervals: Sequence[tuple[float, float] | None], scale: float = 1) -> str:
+    digits = 2 if scale == 1 else 0
+    return (
+        "; ".join(
+            f"[{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+            for lo, hi in filter(None, intervals)
+        )
+        or "–"
+    )
 
 
 def _count_cell(record: Mapping, errors: str, total: str) -> str:
@@ -126,7 +134,8 @@ def _count_cell(record: Mapping, errors: str, total: str) -> str:
 def markdown_table(records: Sequence[Mapping]) -> list[str]:
     header = [
         "method", "n", "in-source test acc (%)", "in-source AUROC", "external AUROC",
-        "AUROC 95% CI per seed", "balanced acc (%)", "sensitivity", "specificity", "ECE",
+        "AUROC 95% CI per seed", "balanced acc (%)", "balanced acc 95% CI per seed",
+        "sensitivity", "specificity", "ECE",
         "negatives called positive", "positives called negative",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -139,6 +148,7 @@ def markdown_table(records: Sequence[Mapping]) -> list[str]:
             plain(r["auroc_mean"], r["auroc_std"], 1, 3),
             _interval_cell(r["auroc_intervals"]),
             plain(r["balanced_acc_mean"], r["balanced_acc_std"], 100),
+            _interval_cell(r["balanced_acc_intervals"], 100),
             plain(r["sensitivity_mean"], r["sensitivity_std"], 1, 2),
             plain(r["specificity_mean"], r["specificity_std"], 1, 2),
             plain(r["ece_mean"], r["ece_std"], 1, 3),
@@ -208,10 +218,7 @@ def markdown_section(rows: Sequence[ExternalRow]) -> list[str]:
         "4-class macro). Mean ± std over seeds; the 95 % intervals are per seed (percentile "
         "bootstrap, stratified by class). Error counts are mean counts over seeds.",
     ]
-    keys = sorted({(r["scenario"], r["dataset"], r["set_name"]) for r in records})
-    for scenario, dataset, set_name in keys:
-        own = [r for r in records if (r["scenario"], r["dataset"], r["set_name"]) ==
-               (scenario, dataset, set_name)]  # fmt: skip
+    for scenario, dataset, set_name, own in scenario_tables(records):
         title = SCENARIO_TITLES.get(scenario, scenario).split(" (")[0]
         lines += ["", f"### {dataset} on `{set_name}` ({title}; positive: {own[0]['positive']})"]
         lines += ["", *markdown_table(own)]
@@ -220,16 +227,37 @@ def markdown_section(rows: Sequence[ExternalRow]) -> list[str]:
     return lines
 
 
+def scenario_tables(records: Sequence[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(scenario, dataset, set, its records) per table. Teacher-free methods (scratch, dml) run
+    once, filed under ``in_domain``; they join every teacher scenario's table, so that each
+    compares ws and dwskd with scratch, and get no table of their own beside one."""
+    taught = [r for r in records if r["method"] not in TEACHER_FREE]
+    free = [r for r in records if r["method"] in TEACHER_FREE]
+    scenarios = sorted({r["scenario"] for r in taught}) or sorted({r["scenario"] for r in free})
+    order = {m: i for i, m in enumerate(METHODS)}
+    tables = []
+    for scenario in scenarios:
+        for dataset, set_name in sorted({(r["dataset"], r["set_name"]) for r in records}):
+            own = [r for r in taught if r["scenario"] == scenario] + free
+            own = [r for r in own if (r["dataset"], r["set_name"]) == (dataset, set_name)]
+            if own:
+                own.sort(key=lambda r: order.get(r["method"], len(order)))
+                tables.append((scenario, dataset, set_name, own))
+    return tables
+
+
 def write_csv(rows: Sequence[ExternalRow], path: Path) -> Path:
     """Every run's deployed model on every external set, one line each (per-seed figures)."""
     fields = ["scenario", "dataset", "method", "seed", "set_name", "model", "positive"]
-    fields += [*METRICS, "auroc_low", "auroc_high", *COUNTS, *SOURCE]
+    fields += [*METRICS, "auroc_low", "auroc_high", "balanced_acc_low", "balanced_acc_high"]
+    fields += [*COUNTS, *SOURCE]
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             line = {k: getattr(r, k) for k in fields[:7]}
             line.update({k: r.values.get(k) for k in (*METRICS, *COUNTS, *SOURCE)})
-            line["auroc_low"], line["auroc_high"] = r.intervals.get("auroc", (None, None))
+            for name in ("auroc", "balanced_acc"):
+                line[f"{name}_low"], line[f"{name}_high"] = r.intervals.get(name, (None, None))
             writer.writerow(line)
     return path

@@ -52,12 +52,17 @@ def score(confusion: list[list[int]], auroc: float, low: float, high: float) -> 
         "classes": ["glioma", "notumor"],
         "positive_class": "glioma",
         "metrics": {"auroc": auroc, "balanced_acc": 0.5, "sensitivity": 0.9, "specificity": 0.1},
-        "intervals": {"auroc": {"value": auroc, "low": low, "high": high}},
+        "intervals": {
+            "auroc": {"value": auroc, "low": low, "high": high},
+            "balanced_acc": {"value": 0.5, "low": 0.41, "high": 0.59},
+        },
         "confusion": confusion,
     }
 
 
-def write_run(root: Path, method: str, seed: int, acc: float, outside: dict | None) -> None:
+def write_run(
+    root: Path, method: str, seed: int, acc: float, outside: dict | None, scenario="pretrained"
+) -> None:
     results = {
         "run": {"wall_time_s": 1.0},
         "deployed": "student_a",
@@ -65,7 +70,7 @@ def write_run(root: Path, method: str, seed: int, acc: float, outside: dict | No
     }
     if outside is not None:
         results["external"] = {"lgg": {"student_a": outside, "teacher": outside}}
-    path = root / "pretrained" / "brain" / method / f"s{seed}" / "metrics.json"
+    path = root / scenario / "brain" / method / f"s{seed}" / "metrics.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(results))
 
@@ -96,6 +101,25 @@ def test_external_table_counts_errors_ranks_and_compares_with_scratch(tmp_path: 
         in text
     )
     assert "| 9 / 10 | 0 / 10 |" in text  # negatives called positive, positives called negative
+    assert "| 50.0 ± 0.0 | [41, 59]; [41, 59] |" in text  # balanced accuracy, each seed's CI
+
+
+def test_scratch_runs_once_and_joins_every_teacher_scenarios_external_table(
+    tmp_path: Path,
+) -> None:
+    """The sweep files teacher-free runs under in_domain: they are no table of their own."""
+    runs = tmp_path / "runs"
+    write_run(runs, "scratch", 1, 0.9, score([[8, 2], [5, 5]], 0.4, 0.3, 0.5), "in_domain")
+    write_run(runs, "ws", 1, 0.7, score([[10, 0], [9, 1]], 0.7, 0.6, 0.8), "pretrained")
+    write_run(runs, "ws", 1, 0.6, score([[10, 0], [9, 1]], 0.6, 0.5, 0.7), "transfer")
+    records = external_table.summarise(external_table.collect(aggregate.run_paths(runs)))
+    tables = external_table.scenario_tables(records)
+    assert [(t[0], [r["method"] for r in t[3]]) for t in tables] == [
+        ("pretrained", ["scratch", "ws"]), ("transfer", ["scratch", "ws"]),
+    ]  # fmt: skip
+    text = "\n".join(external_table.markdown_section(external_table.collect(
+        aggregate.run_paths(runs))))  # fmt: skip
+    assert "In-domain teacher" not in text and "ws vs scratch outside: +0.300" in text
 
 
 def test_paper_results_get_an_external_table_and_csv(tmp_path: Path) -> None:
