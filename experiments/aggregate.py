@@ -369,8 +369,12 @@ def code_lines(versions: Mapping[str, int]) -> list[str]:
 
 
 def scenarios_of(records: Sequence[dict]) -> list[str]:
-    """In the order of SCENARIO_TITLES; unknown names last."""
-    names = {r["scenario"] for r in records}
+    """In the order of SCENARIO_TITLES; unknown names last. A scenario holding only the
+    teacher-free runs (scratch, dml: filed under in_domain) is left out where other scenarios
+    exist: their tables show those runs already."""
+    names = {r["scenario"] for r in records if r["method"] not in TEACHER_FREE} or {
+        r["scenario"] for r in records
+    }
     known = [s for s in SCENARIO_TITLES if s in names]
     return known + sorted(names - set(known))
 

@@ -325,8 +325,8 @@ class Archive:
 
     def store_all(self) -> None:
         """Archive every finished run under ``out`` (idempotent), and the sweep's invocations."""
-        for metrics in self.out.glob("**/metrics.json"):
-            self.store(metrics.parent)
+        for run_dir in aggregate.find_runs(self.out):  # run dirs only, not <run>/external/
+            self.store(run_dir)
         meta = self.out / self.meta_file
         if meta.is_file():
             self.root.mkdir(parents=True, exist_ok=True)

@@ -639,3 +639,16 @@ def yaml_of(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_the_archive_keeps_run_metrics_only_not_the_external_scores_inside_a_run(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "runs" / "pretrained" / "brain" / "ws" / "s1"
+    (run / "external" / "lgg" / "student_a").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "external" / "lgg" / "student_a" / "metrics.json").write_text("{}")  # also in ^
+    archive = paper.Archive(tmp_path / "runs", tmp_path / "archive")
+    archive.store_all()
+    stored = sorted(p.relative_to(archive.root) for p in archive.root.glob("**/metrics.json"))
+    assert stored == [Path("pretrained/brain/ws/s1/metrics.json")]

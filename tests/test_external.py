@@ -251,3 +251,15 @@ def test_teacher_size_trains_union_teachers_with_one_recipe_and_selects_from_eac
     assert base.extra == ("teacher=vit_base",) and not base.shared()
     assert base.teacher_file == evidence.union_teacher_file("vit_base")
     assert base.teacher_file.parent.name == "teacher" and base.budget == paper.FULL
+
+
+def test_a_pretrained_only_sweep_has_no_in_domain_section_of_teacher_free_runs(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "scratch", 1, 0.6, None, "in_domain")  # scratch runs once, filed here
+    write_run(runs, "ws", 1, 0.7, None, "pretrained")
+    text = aggregate.write_results(runs, tmp_path / "out", "t")[0].read_text()
+    assert "In-domain teacher" not in text
+    pretrained = text.split("## Pretrained teacher")[1]
+    assert "| scratch (no teacher) | deployed (student_a x1) | 1 | 60.0 |" in pretrained
