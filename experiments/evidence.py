@@ -313,8 +313,8 @@ def markdown(
           f"(fine-tune {v.budget.finetune_epochs}), teacher adaptation {v.budget.transfer_epochs}, "
           f"overrides `{' '.join(v.extra) or 'none'}`" for v, s in plan),
         *aggregate.code_lines(sum((Counter(c) for c in versions.values()), Counter())),
-        *(f"  - variant {label}: " + ", ".join(f"`{k}` ({n} runs)" for k, n in sorted(c.items()))
-          for label, c in versions.items()),
+        *(f"  - variant {label}: " + (", ".join(f"`{k}` ({n} runs)" for k, n in sorted(c.items()))
+                                      or "no finished runs yet") for label, c in versions.items()),
         "",
         "Deployed model per run; mean ± std over seeds (n); gain = accuracy minus scratch's on "
         "the same seed, in points. External AUROC: the run's own external set (none for "
