@@ -365,6 +365,10 @@ def figure(study: str, records: Sequence[dict]) -> Figure:
             (("acc", "test accuracy"), ("external_auroc", "external AUROC"))
         ):
             ax = axes[row][col]
+            if all(math.isnan(r[f"{key}_mean"]) for r in records if r["dataset"] == dataset):
+                ax.text(0.5, 0.5, f"{dataset}: no {title}", ha="center", transform=ax.transAxes)
+                ax.set_axis_off()  # brain_mri_tumour_type has no external set
+                continue
             for method in methods_of(records):
                 own = sorted((r for r in records if r["dataset"] == dataset and r["method"] == method),
                              key=lambda r: xs.index(r["x"]))  # fmt: skip
