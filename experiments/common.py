@@ -101,11 +101,10 @@ def write_section(path: Path, name: str, body: str) -> None:
     Why: two scripts write ``bench.md`` (the step timings, the sweep throughput); each
     replaces only its own part, so re-running one never deletes the other's figures.
     """
-    sections = owned_sections(path)
     text = path.read_text() if path.is_file() else ""
-    for section in sections:
-        text = text.replace(section, "")
+    sections = [match.group(0) for match in _SECTION.finditer(text)]
+    head = _SECTION.sub("", text)
     others = [s for s in sections if not s.startswith(f"<!-- section: {name} -->")]
     block = f"<!-- section: {name} -->\n{body.strip()}\n<!-- end: {name} -->\n"
-    head = text.rstrip() + "\n\n" if text.strip() else ""
+    head = head.rstrip() + "\n\n" if head.strip() else ""
     write_text(path, head + "\n".join([*others, block]))

@@ -220,24 +220,22 @@ def split_launch(
             launch_overrides.append(item)
         else:
             rest.append(item)
+    n_jobs = next((int(o.partition("=")[2]) for o in launch_overrides
+                   if o.startswith("hydra.launcher.n_jobs=")), None)  # fmt: skip
     if launcher is None:
         launcher = "joblib" if device == "cpu" and not in_process else "basic"
-        if launcher == "joblib" and not any(
-            o.startswith("hydra.launcher.n_jobs=") for o in launch_overrides
-        ):
-            launch_overrides.append(f"hydra.launcher.n_jobs={CPU_PROCESSES}")
-    threads = cpu_share(launch_overrides) if launcher == "joblib" else None
+        if launcher == "joblib" and n_jobs is None:
+            n_jobs = CPU_PROCESSES
+            launch_overrides.append(f"hydra.launcher.n_jobs={n_jobs}")
+    threads = cpu_share(n_jobs) if launcher == "joblib" else None
     return Launch(launcher, tuple(launch_overrides), in_process, threads), rest
 
 
-def cpu_share(launch_overrides: Sequence[str]) -> int:
-    """Threads per joblib process: the cores divided by ``hydra.launcher.n_jobs``."""
+def cpu_share(n_jobs: int | None) -> int:
+    """Threads per joblib process: the cores divided by ``n_jobs`` (None or < 1: the
+    plugin's default, one process per core)."""
     cores = os.cpu_count() or 1
-    n_jobs = next(
-        (o.partition("=")[2] for o in launch_overrides if o.startswith("hydra.launcher.n_jobs=")),
-        "-1",  # the plugin's default: one process per core
-    )
-    processes = cores if int(n_jobs) < 1 else int(n_jobs)
+    processes = cores if n_jobs is None or n_jobs < 1 else n_jobs
     return max(1, cores // processes)
 
 
