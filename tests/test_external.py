@@ -152,6 +152,20 @@ def test_scarcity_keeps_the_full_runs_steps_up_to_the_cap_and_shares_the_table()
     assert robust.extra == ("data.augment=robust",) and robust.budget == paper.FULL
 
 
+def test_the_robustness_study_runs_only_on_tasks_that_have_an_external_set() -> None:
+    from experiments import evidence
+
+    tasks = evidence.STUDIES["robustness"].datasets
+    for task in tasks:
+        external = compose_config(f"data={task}", tiny=False).data.external
+        assert any(v is not None for v in external.values()), task
+    # tumour type has none (conf/data/brain_mri_tumour_type.yaml drops lgg_tcga_t1c)
+    tumour_type = compose_config("data=brain_mri_tumour_type", tiny=False).data.external
+    assert all(v is None for v in tumour_type.values())
+    assert "brain_mri_tumour_type" not in tasks
+    assert "robust_standardize" not in evidence.STUDIES["robustness"].values  # on request
+
+
 def test_study_gain_is_paired_with_scratch_of_the_same_seed() -> None:
     from experiments import evidence
 
