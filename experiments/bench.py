@@ -11,6 +11,8 @@
 2. a dual-model SKD step (two students + EMA teachers) and a KD step (student + frozen
    ViT-S) vs a single-student step;
 3. inference latency of ViT-T vs ViT-S vs ViT-B (batch 1 and 32, two image sizes);
+   and the ViT-T student's parameters and latency at depth 4, 6, 9 and 12 (the depth sweep's
+   trade-off, measured alone);
 4. weight-selection time ViT-B -> ViT-T and ViT-S -> ViT-T;
 5. train-loader throughput (synthetic, and real lung CT when present) vs training throughput.
 
@@ -67,6 +69,7 @@ VIT = {
     "ViT-B": "vit_base_patch16_224",
 }
 NUM_CLASSES, IN_CHANS = 4, 1
+DEPTHS = (4, 6, 9, 12)  # experiments.evidence depth: ViT-T blocks
 
 
 @dataclass(frozen=True)
@@ -370,9 +373,15 @@ def compile_section(s: BenchSettings) -> Section:
 
 
 # ---------------------------------------------------------------- latency and selection
-def latency(s: BenchSettings, name: str, size: int, batch: int) -> dict[str, Any]:
+def latency(
+    s: BenchSettings, name: str, size: int, batch: int, depth: int | None = None
+) -> dict[str, Any]:
     """dwskd.models.measure_latency on the bench's device, under its autocast."""
-    model = vit(name, size).to(torch_device(s))
+    return model_latency(s, vit(name, size, depth), size, batch)
+
+
+def model_latency(s: BenchSettings, model: nn.Module, size: int, batch: int) -> dict[str, Any]:
+    model = model.to(torch_device(s))
     with autocast(s):
         return measure_latency(
             model,
@@ -401,6 +410,30 @@ def latency_section(s: BenchSettings) -> Section:
                 (f"ViT-S / ViT-T, {size} px, batch {batch}", ms["ViT-S"] / ms["ViT-T"]),
                 (f"ViT-B / ViT-T, {size} px, batch {batch}", ms["ViT-B"] / ms["ViT-T"]),
             ]
+    return sec
+
+
+def depth_section(s: BenchSettings) -> Section:
+    """The depth sweep's trade-off (``experiments.evidence depth``) on a quiet machine: the
+    sweep's own latency figures are taken while another job shares the cores."""
+    size = s.latency_sizes[0]
+    sec = Section(
+        f"ViT-T student depth ({where(s)}, {size} px, eval mode, no grad, "
+        f"{torch.get_num_threads()} threads): parameters and latency"
+    )
+    ms = {}
+    for depth in DEPTHS:
+        model = vit("ViT-T", size, depth)
+        sec.add(f"depth {depth}, parameters", sum(p.numel() for p in model.parameters()) / 1e6, "M")
+        for batch in s.latency_batches:
+            ms[depth, batch] = model_latency(s, model, size, batch)["median_ms"]
+            sec.add(f"depth {depth}, batch {batch}", ms[depth, batch], "ms")
+    full = max(DEPTHS)
+    sec.ratios += [
+        (f"depth {d} / depth {full}, batch {b}", ms[d, b] / ms[full, b])
+        for d in DEPTHS[:-1]
+        for b in s.latency_batches
+    ]
     return sec
 
 
@@ -479,7 +512,8 @@ def run_bench(s: BenchSettings, with_compile: bool = False) -> list[Section]:
     if s.device == "gpu":
         torch.backends.cudnn.benchmark = True  # as trainer=gpu, for both loops alike
     training, rates = training_section(s)
-    sections = [training, latency_section(s), selection_section(s), data_section(s, rates)]
+    sections = [training, latency_section(s), depth_section(s), selection_section(s)]
+    sections.append(data_section(s, rates))
     return sections + ([compile_section(s)] if with_compile else [])
 
 

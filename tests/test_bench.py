@@ -87,3 +87,21 @@ def test_a_results_file_section_is_replaced_and_the_rest_kept(tmp_path) -> None:
         "<!-- section: other -->",
         "<!-- section: sweep-throughput -->",
     ]
+
+
+def test_depth_section_gives_each_depths_parameters_and_latency(one_thread: None) -> None:
+    section = bench.depth_section(bench.SMOKE)
+    params = {w: v for w, v, unit in section.rows if unit == "M"}
+    assert list(params) == [f"depth {d}, parameters" for d in bench.DEPTHS]
+    assert list(params.values()) == sorted(params.values())  # more blocks, more weights
+    # each ViT-T block holds 12 * 192**2 + 13 * 192 weights (qkv, proj, mlp, norms, biases)
+    block = 12 * 192**2 + 13 * 192
+    assert params["depth 6, parameters"] - params["depth 4, parameters"] == pytest.approx(
+        2 * block / 1e6
+    )
+    timed = [w for w, _, unit in section.rows if unit == "ms"]
+    assert len(timed) == len(bench.DEPTHS) * len(bench.SMOKE.latency_batches)
+    assert [r for r, _ in section.ratios][:2] == [
+        "depth 4 / depth 12, batch 1",
+        "depth 4 / depth 12, batch 4",
+    ]

@@ -544,6 +544,7 @@ def test_bench_smoke_measures_every_ratio(tmp_path: Path) -> None:
         "dual-model SKD / single student",
         "ViT-B / ViT-T, 32 px, batch 1",
         "ViT-B -> ViT-T",
+        "depth 4 / depth 12, batch 1",
         "synthetic loader / training (one student)",
     ):
         assert ratio in text
