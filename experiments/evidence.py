@@ -298,7 +298,15 @@ def summarise(lines: Sequence[dict]) -> list[dict]:
             record[f"{key}_mean"], record[f"{key}_std"], _ = aggregate.mean_std(values)
         records.append(record)
     order = {m: i for i, m in enumerate(aggregate.METHODS)}
-    return sorted(records, key=lambda r: (r["dataset"], str(r["variant"]), order[r["method"]]))
+    xs = x_order(records)
+    return sorted(records, key=lambda r: (r["dataset"], xs.index(r["x"]), order[r["method"]]))
+
+
+def x_order(records: Sequence[dict]) -> list:
+    """The variants' values in order: by size where they are numbers (depth 4 before 12),
+    else as the study lists them (the robustness levers, ``default`` first)."""
+    xs = list(dict.fromkeys(r["x"] for r in records))
+    return sorted(xs) if all(isinstance(x, int | float) for x in xs) else xs
 
 
 def markdown(
@@ -363,7 +371,7 @@ def figure(study: str, records: Sequence[dict]) -> Figure:
     datasets = sorted({r["dataset"] for r in records})
     fig = Figure(figsize=(4.5 * len(datasets), 6.5), layout="constrained")
     axes = fig.subplots(2, len(datasets), squeeze=False)
-    xs = list(dict.fromkeys(r["x"] for r in sorted(records, key=lambda r: str(r["x"]))))
+    xs = x_order(records)
     numeric = all(isinstance(x, int | float) for x in xs)
     for col, dataset in enumerate(datasets):
         for row, (key, title) in enumerate(

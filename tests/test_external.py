@@ -179,6 +179,19 @@ def test_study_gain_is_paired_with_scratch_of_the_same_seed() -> None:
     assert ws["acc_std"] == pytest.approx(0.1414, abs=1e-4)  # the spread the pairing removes
 
 
+def test_study_rows_follow_the_variants_by_size_or_as_listed() -> None:
+    from experiments import evidence
+
+    def lines(xs):
+        return [{"dataset": "d", "x": x, "variant": str(x), "method": "ws", "seed": 1, "acc": 0.5,
+                 "external_auroc": None} for x in xs]  # fmt: skip
+
+    # depth 12 is the table's run, collected first; 12 sorts after 9, not between 1 and 4
+    assert [r["x"] for r in evidence.summarise(lines([12.0, 4.0, 6.0, 9.0]))] == [4, 6, 9, 12]
+    levers = ["default", "robust", "standardize"]
+    assert [r["x"] for r in evidence.summarise(lines(levers))] == levers
+
+
 def test_study_results_table_and_plot_from_runs(tmp_path: Path) -> None:
     from experiments import evidence, paper
 
