@@ -31,7 +31,7 @@ from dwskd.evaluate import build_task
 from dwskd.io import now_iso, write_text
 from dwskd.metrics import score
 from dwskd.rundir import RunLayout, read_results
-from experiments.aggregate import find_runs, mean_std, plain
+from experiments.aggregate import code_lines, code_versions, find_runs, mean_std, plain
 from experiments.common import RESULTS_DIR, invocation
 from experiments.external_table import error_counts
 
@@ -107,6 +107,7 @@ def score_on(images: Sequence[str], predictions: Predictions, class_map: dict | 
 class Scored:
     """One run's deployed model on the held-out patients."""
 
+    run: Path
     dataset: str
     method: str
     seed: int
@@ -126,6 +127,7 @@ def score_runs(out: Path) -> tuple[list[Scored], int]:
     images = sorted(held_out[0])
     scored = [
         Scored(
+            run,
             run.parts[-3],
             run.parts[-2],
             int(run.parts[-1].removeprefix("s")),
@@ -163,11 +165,12 @@ def summary(scored: Sequence[Scored]) -> list[dict]:
     return records
 
 
-def markdown(records: Sequence[dict], n_images: int, out: Path, command: str) -> str:
+def markdown(records: Sequence[dict], n_images: int, code: list[str], command: str) -> str:
     header = [
         "# Brain MRI with a second source of tumour-free images: the held-out patients",
         "",
-        f"- aggregated: {now_iso()}; command: `{command}`; runs: `{out}`",
+        f"- aggregated: {now_iso()}; command: `{command}`",
+        *code,
         f"- images: the {n_images} slices of the `{SET}` patients that `data={TWO}` holds out "
         "(split by patient); the Nickparvar-only models see them as part of their external set,",
         "  the multisource models as their second source's held-out test part (not external).",
@@ -230,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     records = summary(scored)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / "second_source.md"
-    text = markdown(records, n_images, args.out, invocation("experiments.second_source", argv))
+    code = code_lines(code_versions([s.run for s in scored]))
+    text = markdown(records, n_images, code, invocation("experiments.second_source", argv))
     write_text(path, text)
     write_csv(records, args.results_dir / "second_source.csv")
     print(text)

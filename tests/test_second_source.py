@@ -71,6 +71,7 @@ def test_both_training_sets_are_scored_on_the_same_held_out_images(tmp_path: Pat
     out = second_source.main(["--out", str(tmp_path), "--results-dir", str(tmp_path / "res")])
     text = out.read_text()
     assert "| Nickparvar only | ws | 2 | 0.750 ± 0.000 |" in text and "1 ± 0 of 2" in text
+    assert "- code: every run at commit `unknown` (4 runs)" in text  # the fakes record no git
     assert (tmp_path / "res" / "second_source.csv").read_text().startswith("trained_on,method,n")
 
 
