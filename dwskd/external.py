@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dwskd.rundir import RunLayout
+
 log = logging.getLogger(__name__)
 
 # What metrics.json keeps of each external score (the full record is in the set's folder).
@@ -111,7 +113,7 @@ def score_external(
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     for set_name, spec in sets.items():
         for model, folder in exports.items():
-            out = run_root / "external" / set_name / model
+            out = RunLayout(run_root).external_dir(set_name, model)
             log.info("external set %s: scoring %s", set_name, model)
             results = score_model(Path(folder), spec, out)
             scores.setdefault(set_name, {})[model] = summarise(results, out, run_root)

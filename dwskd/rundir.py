@@ -11,6 +11,7 @@ Layout of ``<run dir>`` (every path comes from :class:`RunLayout`)::
     logs/<stage>/metrics.csv                one CSV log per stage (kept across resumes)
     exports/<model>/                        each tested model in timm's folder format
     predictions/<model>_test.csv            per-image test predictions of each model
+    external/<set>/<model>/                 a model scored on an external set (dwskd-eval's outputs)
     metrics.json, report.md, plots/         the results; metrics.json marks a finished run
 
 Policy: a finished run (``metrics.json``) is never touched again; a run dir is used by one
@@ -145,6 +146,10 @@ class RunLayout:
     def predictions_csv(self, model: str, split: str = "test") -> Path:
         """Per-image predictions of ``model`` on ``split`` (file, labels, probabilities)."""
         return self.root / "predictions" / f"{model}_{split}.csv"
+
+    def external_dir(self, set_name: str, model: str) -> Path:
+        """``external/<set>/<model>/``: dwskd-eval's outputs (predictions.csv, report, plots)."""
+        return self.root / "external" / set_name / model
 
     @property
     def exports_dir(self) -> Path:

@@ -50,7 +50,7 @@ from dwskd.distill import DistillOptions
 from dwskd.io import now_iso, write_text
 from dwskd.loggers import RunNames
 from dwskd.machine import machine_info
-from dwskd.models import create_model, measure_latency
+from dwskd.models import count_params, create_model, measure_latency
 from dwskd.module import DistillModule
 from dwskd.selection import SelectionRecipe, initialize_from_teacher
 from dwskd.training import build_factories, stage_callbacks
@@ -373,14 +373,8 @@ def compile_section(s: BenchSettings) -> Section:
 
 
 # ---------------------------------------------------------------- latency and selection
-def latency(
-    s: BenchSettings, name: str, size: int, batch: int, depth: int | None = None
-) -> dict[str, Any]:
+def latency(s: BenchSettings, model: nn.Module, size: int, batch: int) -> dict[str, Any]:
     """dwskd.models.measure_latency on the bench's device, under its autocast."""
-    return model_latency(s, vit(name, size, depth), size, batch)
-
-
-def model_latency(s: BenchSettings, model: nn.Module, size: int, batch: int) -> dict[str, Any]:
     model = model.to(torch_device(s))
     with autocast(s):
         return measure_latency(
@@ -402,7 +396,7 @@ def latency_section(s: BenchSettings) -> Section:
         for batch in s.latency_batches:
             ms = {}
             for name in VIT:
-                timing = latency(s, name, size, batch)
+                timing = latency(s, vit(name, size), size, batch)
                 ms[name] = timing["median_ms"]
                 unit = "ms (IQR {iqr_ms:.2g} ms, {blocks} blocks, {runs} runs)".format(**timing)
                 sec.add(f"{name}, {size} px, batch {batch}", ms[name], unit)
@@ -424,9 +418,9 @@ def depth_section(s: BenchSettings) -> Section:
     ms = {}
     for depth in DEPTHS:
         model = vit("ViT-T", size, depth)
-        sec.add(f"depth {depth}, parameters", sum(p.numel() for p in model.parameters()) / 1e6, "M")
+        sec.add(f"depth {depth}, parameters", count_params(model) / 1e6, "M")
         for batch in s.latency_batches:
-            ms[depth, batch] = model_latency(s, model, size, batch)["median_ms"]
+            ms[depth, batch] = latency(s, model, size, batch)["median_ms"]
             sec.add(f"depth {depth}, batch {batch}", ms[depth, batch], "ms")
     full = max(DEPTHS)
     sec.ratios += [

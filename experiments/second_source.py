@@ -64,12 +64,12 @@ def base_name(file: str) -> str:
 def predictions_of(run: Path, results: Mapping) -> Predictions:
     """Multisource: the lgg part of the deployed model's test predictions. Nickparvar-only:
     the deployed model's external predictions of the set (already on the set's classes)."""
-    deployed = results["deployed"]
+    deployed, layout = results["deployed"], RunLayout(run)
     if results["run"]["config"]["data"]["name"] == TWO:
-        rows = read_rows(RunLayout(run).predictions_csv(deployed))
+        rows = read_rows(layout.predictions_csv(deployed))
         rows = [r for r in rows if r["file"].startswith(f"{SOURCE}/")]
     else:
-        rows = read_rows(run / "external" / SET / deployed / "predictions.csv")
+        rows = read_rows(layout.external_dir(SET, deployed) / "predictions.csv")
     labels = tuple(k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_"))
     names = [base_name(r["file"]) for r in rows]
     if len(set(names)) != len(names):
